@@ -1,0 +1,85 @@
+"""timm models as dgkit backbones (built with ``num_classes=0``: the head belongs to the method)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+from dgkit.backbones.base import Backbone, DataConfig
+from dgkit.backbones.weights import load_weights
+
+
+class TimmBackbone(Backbone):
+    """Any timm model by name.
+
+    Args:
+        name: timm model name (``resnet50``, ``vit_small_patch16_224``, ``test_vit``...).
+        pretrained: download timm's own weights (needs a network; offline, pass ``weights``).
+        weights: path to a local ``.pth``/``.bin``/``.safetensors`` checkpoint to load.
+        input_size: side of the square input for the data pipeline; ``None`` = timm's default.
+        model_kwargs: extra arguments for ``timm.create_model`` (``img_size``, ``patch_size``, ``depth``...).
+        freeze_bn: keep BatchNorm layers in eval mode while training (DomainBed's ResNet setting: small
+            per-domain batches give poor batch statistics).
+    """
+
+    def __init__(
+        self,
+        name: str = "resnet18",
+        pretrained: bool = False,
+        weights: str | None = None,
+        input_size: int | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        freeze_bn: bool = False,
+    ) -> None:
+        super().__init__()
+        if pretrained and weights:
+            raise ValueError("set either backbone.pretrained=true or backbone.weights=PATH, not both")
+        kwargs = dict(model_kwargs or {})
+        if name not in timm.list_models():
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:15]
+            raise ValueError(f"backbone.name={name!r} is not a timm model; similar names: {close}")
+        self.model = self._create(name, pretrained, kwargs)
+        if weights:
+            head = self.model.pretrained_cfg.get("classifier", "head")
+            load_weights(self.model, Path(weights), head_prefixes=tuple(head if isinstance(head, list | tuple) else [head]))
+        self.freeze_bn = freeze_bn
+        self.num_features = int(self.model.num_features)
+        cfg = timm.data.resolve_model_data_config(self.model)
+        side = input_size or kwargs.get("img_size")
+        size = (int(side), int(side)) if side else tuple(cfg["input_size"][1:])
+        self.data_config = DataConfig(
+            input_size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), interpolation=cfg["interpolation"]
+        )
+
+    @staticmethod
+    def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> torch.nn.Module:
+        try:
+            return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        except Exception as e:
+            if not pretrained:
+                raise
+            raise RuntimeError(
+                f"backbone.pretrained=true could not fetch timm weights for {name!r} ({type(e).__name__}: {e}). "
+                "Without a network, download the weights elsewhere and pass backbone.weights=/path/to/file "
+                "(.pth, .bin or .safetensors) with backbone.pretrained=false."
+            ) from e
+
+    def train(self, mode: bool = True) -> TimmBackbone:
+        """Switch train/eval mode; BatchNorm stays in eval mode when ``freeze_bn``."""
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's unpooled features (``(B, C, H, W)`` or ``(B, N, C)``)."""
+        return self.model.forward_features(x)
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """timm's own pooling (global average, class token...) to ``(B, num_features)``."""
+        return self.model.forward_head(features, pre_logits=True)

@@ -1,0 +1,26 @@
+"""OmegaConf resolvers used by ``conf/`` (registered before Hydra composes the config)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from omegaconf import OmegaConf
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9=,._+\-\[\]]+")
+
+
+def slug(text: str, max_len: int = 160) -> str:
+    """A folder name from Hydra's ``override_dirname``: deterministic, so a relaunch finds its run again."""
+    if not text:
+        return "default"
+    safe = _UNSAFE.sub("_", text).strip("_") or "default"
+    if len(safe) > max_len:
+        safe = safe[: max_len - 9] + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+    return safe
+
+
+def register_resolvers() -> None:
+    """Register ``${dgkit.slug:...}`` (idempotent)."""
+    if not OmegaConf.has_resolver("dgkit.slug"):
+        OmegaConf.register_new_resolver("dgkit.slug", slug)

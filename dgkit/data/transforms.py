@@ -1,0 +1,54 @@
+"""Albumentations pipelines built from a backbone's ``DataConfig`` and a per-dataset policy.
+
+Policies (``data.augment``):
+    ``none``: resize + normalise (DomainBed's MNIST setting).
+    ``digits``: small shifts and scaling, never flips or rotations (a rotated 6 is a 9, and rotation is the
+        domain shift of rotated_digits).
+    ``imagenet``: DomainBed's image augmentation: random resized crop (scale 0.7-1), horizontal flip,
+        colour jitter 0.3, 10 % grayscale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import albumentations as A
+import cv2
+from albumentations.pytorch import ToTensorV2
+
+from dgkit.backbones.base import DataConfig
+
+_INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
+
+
+def _resize(cfg: DataConfig) -> A.BasicTransform:
+    h, w = cfg.input_size
+    return A.Resize(h, w, interpolation=_INTERPOLATION.get(cfg.interpolation, cv2.INTER_LINEAR))
+
+
+def _digits(cfg: DataConfig) -> list[A.BasicTransform]:
+    return [_resize(cfg), A.Affine(translate_percent=(-0.08, 0.08), scale=(0.9, 1.1), p=0.8)]
+
+
+def _imagenet(cfg: DataConfig) -> list[A.BasicTransform]:
+    return [
+        A.RandomResizedCrop(size=cfg.input_size, scale=(0.7, 1.0)),
+        A.HorizontalFlip(p=0.5),
+        A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.3, p=1.0),
+        A.ToGray(p=0.1),
+    ]
+
+
+POLICIES: dict[str, Callable[[DataConfig], list[A.BasicTransform]]] = {
+    "none": lambda cfg: [_resize(cfg)],
+    "digits": _digits,
+    "imagenet": _imagenet,
+}
+
+
+def build_transform(cfg: DataConfig, policy: str = "none", train: bool = False) -> A.Compose:
+    """The pipeline for one split: augmentation (training only), then normalisation and a CHW float tensor."""
+    if policy not in POLICIES:
+        raise ValueError(f"data.augment={policy!r} is not a known policy; choose one of {sorted(POLICIES)}")
+    head = POLICIES[policy](cfg) if train else [_resize(cfg)]
+    return A.Compose([*head, A.Normalize(mean=cfg.mean, std=cfg.std, max_pixel_value=255.0), ToTensorV2()])

@@ -1,0 +1,120 @@
+"""The ``Method`` base: everything a domain-generalisation objective shares.
+
+It owns the classifier head, the training/validation/test steps, per-domain accuracy (torchmetrics),
+logging, and the optimiser and scheduler (Hydra ``_partial_`` configs, so optimiser sweeps need no code).
+A subclass overrides :meth:`Method.training_losses` and, in the common case, nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from dgkit.data.benchmark import eval_splits
+
+SOURCE_VAL_METRIC = "val/acc/source_out"
+
+
+class Method(pl.LightningModule):
+    """Base LightningModule of every objective.
+
+    Args:
+        backbone: a built backbone (``forward`` gives ``(B, num_features)``).
+        num_classes: number of classes.
+        domains: every domain of the benchmark, in order.
+        test_domains: the held-out domains (never used for training or model selection).
+        optimizer: ``partial`` taking the parameters (e.g. ``torch.optim.Adam`` with ``lr``).
+        scheduler: optional ``partial`` taking the optimiser; stepped every training step.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        domains: Sequence[str],
+        test_domains: Sequence[str],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
+        if num_classes < 2:
+            raise ValueError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
+        self.backbone = backbone
+        self.classifier = nn.Linear(backbone.num_features, num_classes)
+        self.domains = list(domains)
+        self.test_domains = list(test_domains)
+        self.source_domains = [d for d in self.domains if d not in self.test_domains]
+        self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
+        self.scheduler_factory = scheduler
+        self.eval_names = eval_splits(self.domains)
+        self.val_acc = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in self.eval_names)
+        self.test_acc = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in self.domains)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(B, num_classes)``."""
+        return self.classifier(self.backbone(x))
+
+    # ---- training -------------------------------------------------------------------------------------
+    def training_losses(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The objective on one step: ``{"loss": total, "<part>": ...}`` from ``{domain: (x, y)}``."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_idx: int) -> torch.Tensor:
+        """Compute and log the loss dict; Lightning back-propagates ``loss``."""
+        losses = self.training_losses(batch)
+        n = sum(len(y) for _, y in batch.values())
+        for key, value in losses.items():
+            self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", batch_size=n)
+        return losses["loss"]
+
+    @staticmethod
+    def concat(batch: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """All source domains of a step as one batch ``(x, y)``."""
+        xs, ys = zip(*batch.values())
+        return torch.cat(xs), torch.cat(ys)
+
+    # ---- evaluation -----------------------------------------------------------------------------------
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
+        """Accumulate accuracy on one split of one domain."""
+        x, y = batch
+        self.val_acc[dataloader_idx].update(self(x).argmax(-1), y)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/acc/<domain>/<in|out>`` for every domain and the selection metric on source ``out`` splits."""
+        source_out = []
+        for (domain, split), metric in zip(self.eval_names, self.val_acc):
+            if not metric.update_called:
+                continue  # an empty split (holdout_fraction=0) has no accuracy
+            acc = metric.compute()
+            metric.reset()
+            self.log(f"val/acc/{domain}/{split}", acc)
+            if split == "out" and domain in self.source_domains:
+                source_out.append(acc)
+        if source_out:
+            self.log(SOURCE_VAL_METRIC, torch.stack(source_out).mean(), prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
+        """Accumulate accuracy on every image of one domain."""
+        x, y = batch
+        self.test_acc[dataloader_idx].update(self(x).argmax(-1), y)
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test/acc/<domain>`` for every domain."""
+        for domain, metric in zip(self.domains, self.test_acc):
+            if metric.update_called:
+                self.log(f"test/acc/{domain}", metric.compute())
+                metric.reset()
+
+    # ---- optimisation ---------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        """Build the optimiser (and per-step scheduler) from the configured partials, trainable params only."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}

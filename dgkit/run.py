@@ -1,0 +1,142 @@
+"""The composition root: the only place that turns config into objects.
+
+``train(cfg)`` builds backbone → data → method → trainer from the Hydra config, fits with DomainBed's
+protocol, and writes the run folder atomically:
+
+- ``config.yaml``: the resolved config; ``run.json``: what result collection needs (dataset, domains,
+  test domains, seed, tag, hyper-parameter id);
+- ``results.jsonl``: one record per evaluation; ``checkpoints/best.ckpt`` (training-domain validation) and
+  ``checkpoints/last.ckpt``;
+- ``final.json``: the selected step and its per-domain accuracies; ``done``: written last.
+
+Rerunning the same command resumes from ``last.ckpt``; a finished run (``done``) is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+
+from dgkit.callbacks import ConfigInCheckpoint, EvaluateAtLastStep, ResultsWriter
+from dgkit.methods.base import SOURCE_VAL_METRIC
+from dgkit.report import print_summary, summarise_run
+from dgkit.utils.io import atomic_write_json, atomic_write_text, read_jsonl
+
+log = logging.getLogger(__name__)
+
+# Keys that do not change what is learned: left out of the hyper-parameter id.
+_RUN_KEYS = ("seed", "output_dir", "resume", "threads", "logger", "paths", "tag", "print_summary")
+_DATA_RUN_KEYS = ("test_domains", "root", "num_workers", "eval_batch_size")
+_TRAINER_RUN_KEYS = ("devices", "accelerator", "enable_progress_bar", "log_every_n_steps", "num_nodes")
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+
+
+def hparams_id(cfg: DictConfig) -> str:
+    """A short id of everything that defines the learning problem except seed and held-out domains."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for key in _RUN_KEYS:
+        c.pop(key, None)
+    for key in _DATA_RUN_KEYS:
+        c.get("data", {}).pop(key, None)
+    for key in _TRAINER_RUN_KEYS:
+        c.get("trainer", {}).pop(key, None)
+    return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
+    """Instantiate the backbone, the DataModule (using the backbone's data config) and the method."""
+    backbone = instantiate(cfg.backbone)
+    datamodule = instantiate(cfg.data, _partial_=True)(data_config=backbone.data_config, split_seed=cfg.seed)
+    method = instantiate(cfg.method, _partial_=True)(
+        backbone=backbone,
+        num_classes=datamodule.num_classes,
+        domains=datamodule.domains,
+        test_domains=datamodule.test_domains,
+    )
+    return datamodule, method
+
+
+def _resume_path(cfg: DictConfig, out: Path) -> str | None:
+    last = out / "checkpoints" / "last.ckpt"
+    mode = str(cfg.get("resume", "auto")).lower()
+    if mode not in ("auto", "true", "false"):
+        raise ValueError(f"resume={cfg.resume!r}; choose one of auto, true, false")
+    if mode == "true" and not last.exists():
+        raise FileNotFoundError(f"resume=true but there is no checkpoint at {last}")
+    if mode == "false":
+        (out / "results.jsonl").unlink(missing_ok=True)
+        (out / "done").unlink(missing_ok=True)
+        return None
+    return str(last) if last.exists() else None
+
+
+def _trainer(cfg: DictConfig, out: Path, resolved: dict[str, Any]) -> pl.Trainer:
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(
+            dirpath=out / "checkpoints",
+            filename="best",
+            monitor=SOURCE_VAL_METRIC,
+            mode="max",
+            save_last=True,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        ),
+        ResultsWriter(out / "results.jsonl"),
+        EvaluateAtLastStep(),
+        ConfigInCheckpoint(resolved),
+    ]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(RichProgressBar(leave=True))
+    logger_cfg = cfg.get("logger")
+    logger = instantiate(logger_cfg) if logger_cfg and logger_cfg.get("_target_") else False
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out))
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train one run as configured and return its ``final.json`` content."""
+    out = Path(cfg.output_dir)
+    if (out / "done").exists() and str(cfg.get("resume", "auto")).lower() != "false":
+        log.info("%s is already finished (done marker); pass resume=false to train it again", out)
+        return json.loads((out / "final.json").read_text())
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule, method = build(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    tag = cfg.get("tag") or type(method).__name__
+    run_info = {
+        "dataset": datamodule.name,
+        "domains": datamodule.domains,
+        "test_domains": datamodule.test_domains,
+        "seed": int(cfg.seed),
+        "tag": tag,
+        "hparams": hparams_id(cfg),
+    }
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(resolved))
+    atomic_write_json(out / "run.json", run_info)
+    ckpt_path = _resume_path(cfg, out)
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    trainer = _trainer(cfg, out, resolved)
+    trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
+    if not trainer.is_global_zero:
+        return {}
+    final = summarise_run(read_jsonl(out / "results.jsonl"), datamodule.domains, datamodule.test_domains)
+    final.update(run_info, best_checkpoint=str(out / "checkpoints" / "best.ckpt"))
+    atomic_write_json(out / "final.json", final)
+    if cfg.get("print_summary", True):
+        print_summary(final, datamodule.domains, datamodule.test_domains)
+    atomic_write_text(out / "done", "")
+    return final
