@@ -1,0 +1,164 @@
+"""DomainBed's three model-selection rules (Gulrajani & Lopez-Paz, "In Search of Lost Domain Generalization", 2021).
+
+Each rule scores one group of runs: one dataset, one tag (the table row), one seed (DomainBed's trial seed)
+and one test domain ``t``. The group holds every hyper-parameter candidate (``hparams`` id). A rule picks a
+``(hparams, step)`` by a validation accuracy and reports the test accuracy there, which is always the test
+domain's ``in`` split (``acc/t/in``, 80 % of the domain), as DomainBed's ``model_selection.py`` does:
+
+- :class:`TrainingDomainValidation` (``IIDAccuracySelectionMethod``): every evaluation of every run with the
+  single test domain ``t``; val = mean ``acc/<d>/out`` over the source domains; early stopping allowed.
+- :class:`LeaveOneDomainOut` (``LeaveOneOutSelectionMethod``): per hparams id and step, val = mean over the
+  other domains ``v`` of ``acc/v/in`` from the run trained with test domains ``{t, v}``; needs all of them.
+- :class:`TestDomainOracle` (``OracleSelectionMethod``): the last evaluation of each candidate only;
+  val = ``acc/t/out``. One test-domain query per candidate, so it can come out below training-domain
+  validation.
+
+Ties go to the first candidate in (hparams id, step) order, i.e. the smallest id, then the earliest step.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from dgkit.eval.records import Run
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The evaluation a rule selected: its validation and test accuracy (in [0, 1]), step and hparams id."""
+
+    val_acc: float
+    test_acc: float
+    step: int
+    hparams: str
+
+
+class SelectionRule(ABC):
+    """A model-selection rule: :meth:`select` scores the runs of one (dataset, tag, seed) for a test domain."""
+
+    name: ClassVar[str]
+    """The rule's name in table headings (DomainBed's wording)."""
+    key: ClassVar[str]
+    """A short identifier (``iid``, ``lodo``, ``oracle``)."""
+    unavailable: ClassVar[str] = "no run with a single test domain has an evaluation"
+    """Why a table for this rule can be empty (printed in place of the table)."""
+
+    @abstractmethod
+    def select(self, runs: Sequence[Run], test_domain: str) -> Choice | None:
+        """The chosen evaluation for ``test_domain`` among ``runs`` (one dataset, tag and seed), or None.
+
+        Args:
+            runs: every run of the group, whatever its test domains; the rule takes those it needs.
+            test_domain: the held-out domain ``t`` whose ``acc/t/in`` is reported.
+        """
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class TrainingDomainValidation(SelectionRule):
+    """Argmax over (hparams, step) of the mean ``out`` accuracy of the source domains."""
+
+    name = "training-domain validation set"
+    key = "iid"
+
+    def select(self, runs: Sequence[Run], test_domain: str) -> Choice | None:
+        """See :meth:`SelectionRule.select`."""
+        candidates = (
+            Choice(
+                val_acc=sum(rec[f"acc/{d}/out"] for d in run.sources) / len(run.sources),
+                test_acc=rec[f"acc/{test_domain}/in"],
+                step=rec["step"],
+                hparams=run.hparams,
+            )
+            for run in _single_test_runs(runs, test_domain)
+            for rec in _by_step(run.records)
+        )
+        return _argmax(candidates)
+
+
+class TestDomainOracle(SelectionRule):
+    """Argmax over hparams of the test domain's ``out`` accuracy at each candidate's last evaluation."""
+
+    name = "test-domain validation set (oracle)"
+    key = "oracle"
+    __test__ = False  # not a pytest class despite its name
+
+    def select(self, runs: Sequence[Run], test_domain: str) -> Choice | None:
+        """See :meth:`SelectionRule.select`."""
+        candidates = []
+        for run in _single_test_runs(runs, test_domain):
+            if not run.records:
+                continue
+            last = max(run.records, key=lambda r: r["step"])
+            val, test = last[f"acc/{test_domain}/out"], last[f"acc/{test_domain}/in"]
+            candidates.append(Choice(val_acc=val, test_acc=test, step=last["step"], hparams=run.hparams))
+        return _argmax(candidates)
+
+
+class LeaveOneDomainOut(SelectionRule):
+    """Argmax over (hparams, step) of the mean ``in`` accuracy of each other domain held out with ``t``."""
+
+    name = "leave-one-domain-out cross-validation"
+    key = "lodo"
+    unavailable = "needs runs with two test domains {t, v} for every pair; none were found"
+
+    def select(self, runs: Sequence[Run], test_domain: str) -> Choice | None:
+        """See :meth:`SelectionRule.select`."""
+        return _argmax(self._candidates(runs, test_domain))
+
+    @staticmethod
+    def _candidates(runs: Sequence[Run], t: str) -> Iterator[Choice]:
+        """Every (hparams, step) where the single run and all n-1 pair runs have an evaluation."""
+        for single in _single_test_runs(runs, t):
+            others = [v for v in single.domains if v != t]
+            pairs = {
+                v: run
+                for run in runs
+                if run.hparams == single.hparams and len(run.test_domains) == 2 and t in run.test_domains
+                for v in run.test_domains
+                if v != t
+            }
+            if any(v not in pairs for v in others):
+                continue
+            pair_steps = {v: {rec["step"]: rec for rec in pairs[v].records} for v in others}
+            for rec in _by_step(single.records):
+                step = rec["step"]
+                if any(step not in pair_steps[v] for v in others):
+                    continue
+                val = sum(pair_steps[v][step][f"acc/{v}/in"] for v in others) / len(others)
+                yield Choice(val_acc=val, test_acc=rec[f"acc/{t}/in"], step=step, hparams=single.hparams)
+
+
+RULES: tuple[SelectionRule, ...] = (TrainingDomainValidation(), LeaveOneDomainOut(), TestDomainOracle())
+"""The rules in DomainBed's table order."""
+
+
+def group_runs(runs: Iterable[Run]) -> dict[tuple[str, str, int], list[Run]]:
+    """Runs grouped by ``(dataset, tag, seed)``, keys sorted, each group in (hparams, path) order."""
+    groups: dict[tuple[str, str, int], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.dataset, run.tag, run.seed), []).append(run)
+    return {k: sorted(groups[k], key=lambda r: (r.hparams, str(r.path))) for k in sorted(groups)}
+
+
+def _single_test_runs(runs: Sequence[Run], test_domain: str) -> list[Run]:
+    """The runs whose only test domain is ``test_domain``, in hparams order (ties of the argmax go first)."""
+    return sorted((r for r in runs if r.test_domains == (test_domain,)), key=lambda r: (r.hparams, str(r.path)))
+
+
+def _by_step(records: list[dict]) -> list[dict]:
+    """``records`` in step order (the argmax keeps the earliest of equal steps)."""
+    return sorted(records, key=lambda r: r["step"])
+
+
+def _argmax(candidates: Iterable[Choice]) -> Choice | None:
+    """The first candidate with the highest validation accuracy, or None when there is none."""
+    best = None
+    for choice in candidates:
+        if best is None or choice.val_acc > best.val_acc:
+            best = choice
+    return best
