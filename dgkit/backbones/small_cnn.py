@@ -21,6 +21,7 @@ class SmallCNN(Backbone):
     Args:
         in_chans: input channels (RGB digits: 3).
         widths: output channels of the four convolutions.
+        strides: stride of each convolution (DomainBed: only the second downsamples).
         norm: ``group`` (GroupNorm with 8 groups, DomainBed's choice) or ``batch`` (BatchNorm, for
             test-time adaptation methods that need batch statistics).
         img_size: the side of the square input the data pipeline resizes to.
@@ -32,6 +33,7 @@ class SmallCNN(Backbone):
         self,
         in_chans: int = 3,
         widths: tuple[int, int, int, int] | list[int] = (64, 128, 128, 128),
+        strides: tuple[int, int, int, int] | list[int] = (1, 2, 1, 1),
         norm: str = "group",
         img_size: int = 32,
         mean: tuple[float, float, float] | list[float] = (0.5, 0.5, 0.5),
@@ -40,12 +42,12 @@ class SmallCNN(Backbone):
         super().__init__()
         if norm not in _NORMS:
             raise ValueError(f"SmallCNN norm={norm!r} is not supported; choose one of {list(_NORMS)}")
-        if len(widths) != 4:
-            raise ValueError(f"SmallCNN needs 4 widths, got {list(widths)}")
+        if len(widths) != 4 or len(strides) != 4:
+            raise ValueError(f"SmallCNN needs 4 widths and 4 strides, got {list(widths)} and {list(strides)}")
         layers: list[nn.Module] = []
         c_in = in_chans
-        for i, c_out in enumerate(widths):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride=2 if i == 1 else 1, padding=1), nn.ReLU(inplace=True)]
+        for c_out, stride in zip(widths, strides):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.ReLU(inplace=True)]
             layers.append(nn.GroupNorm(8, c_out) if norm == "group" else nn.BatchNorm2d(c_out))
             c_in = c_out
         self.features = nn.Sequential(*layers)
@@ -53,7 +55,7 @@ class SmallCNN(Backbone):
         self.data_config = DataConfig(input_size=(img_size, img_size), mean=tuple(mean), std=tuple(std))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature map ``(B, C, H/2, W/2)``."""
+        """Feature map ``(B, C, H / prod(strides), W / prod(strides))``."""
         return self.features(x)
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,44 @@
+"""Shared test helpers: compose the real Hydra config with overrides, tiny CPU settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from dgkit.config import register_resolvers
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# A run that takes a few seconds: tiny synthetic data, timm's test ViT, 4 steps, evaluation every 2.
+TINY = [
+    "data=synthetic",
+    "backbone=test_vit",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.enable_progress_bar=false",
+    "trainer.accelerator=cpu",
+    "logger=none",
+    "print_summary=false",
+]
+
+
+def compose_cfg(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    """Compose ``conf/train.yaml`` as ``train.py`` would, with ``overrides``."""
+    register_resolvers()
+    extra = [f"output_dir={output_dir}"] if output_dir is not None else []
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=[*overrides, *extra])
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """Factory: a tiny run config writing to ``tmp_path/run`` (extra overrides appended)."""
+
+    def make(*overrides: str, out: str = "run") -> DictConfig:
+        return compose_cfg([*TINY, f"paths.datasets={tmp_path / 'datasets'}", *overrides], tmp_path / out)
+
+    return make

@@ -1,0 +1,66 @@
+"""End-to-end runs on tiny data: every method config fits, records are written, resume continues."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dgkit.methods.erm import ERM
+from dgkit.run import train
+from dgkit.utils.io import read_jsonl
+from tests.conftest import CONF, ROOT, TINY
+
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("backbone", ["test_vit", "small_cnn"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_fits(method, backbone, tiny_cfg, tmp_path):
+    final = train(tiny_cfg(f"method={method}", f"backbone={backbone}"))
+    out = tmp_path / "run"
+    records = read_jsonl(out / "results.jsonl")
+    assert [r["step"] for r in records] == [2, 4]
+    keys = {f"acc/{d}/{s}" for d in "abc" for s in ("in", "out")}
+    assert keys <= set(records[0])
+    assert (out / "done").exists() and (out / "checkpoints" / "best.ckpt").exists()
+    run = json.loads((out / "run.json").read_text())
+    assert run["test_domains"] == ["c"] and run["dataset"] == "synthetic"
+    best = max(records, key=lambda r: (r["acc/a/out"] + r["acc/b/out"]) / 2)
+    assert final["step"] == best["step"] and final["test_acc"]["c"] == best["acc/c/in"]
+
+
+def test_last_step_is_evaluated(tiny_cfg, tmp_path):
+    train(tiny_cfg("trainer.max_steps=5", "trainer.val_check_interval=2"))
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "results.jsonl")] == [2, 4, 5]
+
+
+def test_resume_continues_from_last_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    calls = []
+    real = ERM.training_losses
+    monkeypatch.setattr(ERM, "training_losses", lambda self, batch: calls.append(1) or real(self, batch))
+    out = tmp_path / "run"
+    train(tiny_cfg())
+    assert len(calls) == 4
+    (out / "done").unlink()  # as if the process had been killed after its last checkpoint
+    calls.clear()
+    train(tiny_cfg("trainer.max_steps=6"))
+    assert len(calls) == 2  # steps 5 and 6 only: it continued from step 4
+    assert [r["step"] for r in read_jsonl(out / "results.jsonl")] == [2, 4, 6]
+    calls.clear()
+    train(tiny_cfg("trainer.max_steps=6"))  # finished: skipped
+    assert calls == []
+
+
+def test_cli_multirun_skips_finished_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}", "trainer.max_steps=2"]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    finals = sorted(sweep.glob("*/final.json"))
+    assert len(finals) == 2
+    stamps = [f.stat().st_mtime_ns for f in finals]
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "already finished" in second.stdout + second.stderr
+    assert [f.stat().st_mtime_ns for f in finals] == stamps
