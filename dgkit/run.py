@@ -84,14 +84,21 @@ def _resume_path(cfg: DictConfig, out: Path) -> str | None:
 
 def _trainer(cfg: DictConfig, out: Path, resolved: dict[str, Any]) -> pl.Trainer:
     callbacks: list[pl.Callback] = [
-        ModelCheckpoint(
+        ModelCheckpoint(  # best by training-domain validation
             dirpath=out / "checkpoints",
             filename="best",
             monitor=SOURCE_VAL_METRIC,
             mode="max",
-            save_last=True,
             auto_insert_metric_name=False,
             enable_version_counter=False,
+            save_on_train_epoch_end=False,
+        ),
+        ModelCheckpoint(  # the latest evaluation, to resume from (Lightning's save_last only follows top-k saves)
+            dirpath=out / "checkpoints",
+            filename="last",
+            monitor=None,
+            enable_version_counter=False,
+            save_on_train_epoch_end=False,
         ),
         ResultsWriter(out / "results.jsonl"),
         EvaluateAtLastStep(),

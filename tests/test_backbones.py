@@ -46,7 +46,8 @@ def test_local_weights_roundtrip(tmp_path, suffix):
 def test_weights_mismatch_lists_keys(tmp_path):
     path = tmp_path / "cnn.pth"
     torch.save(SmallCNN().state_dict(), path)
-    with pytest.raises(ValueError, match=r"(?s)missing keys: .*unexpected keys: features\.0\.bias, features\.0\.weight"):
+    expected = r"(?s)missing keys: .*unexpected keys: features\.0\.bias, features\.0\.weight"
+    with pytest.raises(ValueError, match=expected):
         TimmBackbone("test_vit", weights=str(path))
 
 

@@ -44,7 +44,8 @@ class TimmBackbone(Backbone):
         self.model = self._create(name, pretrained, kwargs)
         if weights:
             head = self.model.pretrained_cfg.get("classifier", "head")
-            load_weights(self.model, Path(weights), head_prefixes=tuple(head if isinstance(head, list | tuple) else [head]))
+            heads = tuple(head) if isinstance(head, list | tuple) else (head,)
+            load_weights(self.model, Path(weights), head_prefixes=heads)
         self.freeze_bn = freeze_bn
         self.num_features = int(self.model.num_features)
         cfg = timm.data.resolve_model_data_config(self.model)

@@ -19,7 +19,7 @@ def _from_arrays(name: str, arrays: dict, classes: list[str]) -> Benchmark:
     )
 
 
-def digits_dg(root: str | Path = "datasets", n_per_domain: int = 2000, seed: int = 0) -> Benchmark:
+def digits_dg(root: str | Path = "datasets", n_per_domain: int = 1797, seed: int = 0) -> Benchmark:
     """Four digit styles (ink, photo, font, street), generated offline into ``root/digits_dg``."""
     from dgkit.data.embedded import digits_dg as _digits_dg
 
