@@ -41,6 +41,10 @@ _TRAINER_RUN_KEYS = ("devices", "accelerator", "enable_progress_bar", "log_every
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+# Resuming is deliberate: the checkpoint folder is ours, and a resumed run draws new batches (the per-domain
+# loaders are shuffled afresh), which Lightning warns about.
+warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
+warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended before the epoch ended.*")
 
 
 def hparams_id(cfg: DictConfig) -> str:

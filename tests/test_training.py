@@ -64,3 +64,9 @@ def test_cli_multirun_skips_finished_jobs(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "already finished" in second.stdout + second.stderr
     assert [f.stat().st_mtime_ns for f in finals] == stamps
+
+
+@pytest.mark.parametrize("logger, pattern", [("csv", "logs/version_0/metrics.csv"), ("tensorboard", "logs/*/events.*")])
+def test_loggers_write(logger, pattern, tiny_cfg, tmp_path):
+    train(tiny_cfg(f"logger={logger}"))
+    assert list((tmp_path / "run").glob(pattern))
