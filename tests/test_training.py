@@ -70,3 +70,38 @@ def test_cli_multirun_skips_finished_jobs(tmp_path):
 def test_loggers_write(logger, pattern, tiny_cfg, tmp_path):
     train(tiny_cfg(f"logger={logger}"))
     assert list((tmp_path / "run").glob(pattern))
+
+
+def test_folder_benchmark_on_top_of_experiment(tmp_path):
+    """`+exp=quickstart data=folder data.root=PATH backbone=test_vit` trains on a user's own tree."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import compose_cfg
+
+    rng = np.random.default_rng(0)
+    for d in ("winter", "summer", "night"):
+        for c in ("cat", "dog"):
+            (tmp_path / "tree" / d / c).mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+                    tmp_path / "tree" / d / c / f"{i}.jpg"
+                )
+    overrides = [
+        "+exp=quickstart",
+        "data=folder",
+        f"data.root={tmp_path / 'tree'}",
+        "data.test_domains=[night]",
+        "data.image_size=32",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "backbone=test_vit",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        "print_summary=false",
+    ]
+    final = train(compose_cfg(overrides, tmp_path / "run"))
+    assert final["dataset"] == "folder" and final["domains"] == ["night", "summer", "winter"]
+    assert final["test_domains"] == ["night"] and set(final["accuracies"]) == {"night", "summer", "winter"}
