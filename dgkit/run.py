@@ -7,7 +7,9 @@ protocol, and writes the run folder atomically:
   test domains, seed, tag, hyper-parameter id);
 - ``results.jsonl``: one record per evaluation; ``checkpoints/best.ckpt`` (training-domain validation) and
   ``checkpoints/last.ckpt``;
-- ``final.json``: the selected step and its per-domain accuracies; ``done``: written last.
+- ``final.json``: the selected step and its per-domain accuracies; ``done``: written last;
+- ``backbone.safetensors``: the last step's backbone, for methods that export it (self-supervised ones), in
+  the format ``backbone.weights=PATH`` reads.
 
 Rerunning the same command resumes from ``last.ckpt``; a finished run (``done``) is skipped.
 """
@@ -23,14 +25,17 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
 
 from dgkit.callbacks import ConfigInCheckpoint, EvaluateAtLastStep, ResultsWriter
+from dgkit.data.style import BatchStylesStandardization
 from dgkit.methods.base import SOURCE_VAL_METRIC
 from dgkit.report import print_summary, summarise_run
-from dgkit.utils.io import atomic_write_json, atomic_write_text, read_jsonl
+from dgkit.utils.io import atomic_write, atomic_write_json, atomic_write_text, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +61,54 @@ def hparams_id(cfg: DictConfig) -> str:
         c.get("data", {}).pop(key, None)
     for key in _TRAINER_RUN_KEYS:
         c.get("trainer", {}).pop(key, None)
+    augment = c.get("augment") or {}
+    for key in [k for k, block in augment.items() if isinstance(block, dict) and block.get("p") == 0]:
+        augment.pop(key)  # a disabled augmentation learns the same thing as none
+    if not augment:
+        c.pop("augment", None)
     return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def build_bss(cfg: DictConfig) -> BatchStylesStandardization | None:
+    """Batch Styles Standardization from ``augment.bss`` (``+augment=bss``); ``None`` when absent or ``p=0``."""
+    block = (cfg.get("augment") or {}).get("bss")
+    if not block:
+        return None
+    bss = instantiate(block)  # validates r_min/r_max/p even when p=0
+    return bss if bss.p > 0 else None
+
+
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
-    """Instantiate the backbone, the DataModule (using the backbone's data config) and the method."""
+    """Instantiate the backbone, the DataModule (using the backbone's data config) and the method.
+
+    The DataModule gives each training image as many augmented views as the method's ``train_views``
+    (SSL: 2); ``augment.bss`` is attached to the method as ``method.bss``.
+    """
     backbone = instantiate(cfg.backbone)
-    datamodule = instantiate(cfg.data, _partial_=True)(data_config=backbone.data_config, split_seed=cfg.seed)
+    views = getattr(get_class(cfg.method._target_), "train_views", 1)
+    datamodule = instantiate(cfg.data, _partial_=True)(
+        data_config=backbone.data_config, split_seed=cfg.seed, views=views
+    )
     method = instantiate(cfg.method, _partial_=True)(
         backbone=backbone,
         num_classes=datamodule.num_classes,
         domains=datamodule.domains,
         test_domains=datamodule.test_domains,
     )
+    method.bss = build_bss(cfg)
     return datamodule, method
+
+
+def _weights_module(backbone: nn.Module) -> nn.Module:
+    """The module whose state dict ``backbone.weights=PATH`` loads into: a wrapped timm model, else the backbone."""
+    inner = getattr(backbone, "model", None)
+    return inner if isinstance(inner, nn.Module) else backbone
+
+
+def export_backbone(backbone: nn.Module, path: str | Path) -> Path:
+    """Write ``backbone``'s weights to ``path`` (safetensors, atomically) in the key space its loader reads."""
+    state = {k: v.detach().cpu().contiguous() for k, v in _weights_module(backbone).state_dict().items()}
+    return atomic_write(path, lambda f: f.write(safetensors_bytes(state)), binary=True)
 
 
 def _resume_path(cfg: DictConfig, out: Path) -> str | None:
@@ -146,6 +185,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return {}
     final = summarise_run(read_jsonl(out / "results.jsonl"), datamodule.domains, datamodule.test_domains)
     final.update(run_info, best_checkpoint=str(out / "checkpoints" / "best.ckpt"))
+    if method.exports_backbone:
+        weights = export_backbone(method.backbone, out / "backbone.safetensors")
+        final["backbone_weights"] = str(weights)
+        log.info("backbone weights of step %d exported: backbone.weights=%s", trainer.global_step, weights)
     atomic_write_json(out / "final.json", final)
     if cfg.get("print_summary", True):
         print_summary(final, datamodule.domains, datamodule.test_domains)

@@ -49,7 +49,7 @@ def _cfg(args, out: Path):
             overrides=[
                 f"+exp={args.exp}",
                 f"trainer.max_steps={args.steps}",
-                "trainer.limit_val_batches=0",
+                "++trainer.limit_val_batches=0",
                 "trainer.accelerator=cpu",
                 f"output_dir={out}",
                 *args.overrides,

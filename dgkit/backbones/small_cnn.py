@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from dgkit.backbones.base import Backbone, DataConfig
+from dgkit.backbones.weights import load_weights
 
 _NORMS = ("group", "batch")
 
@@ -27,6 +28,8 @@ class SmallCNN(Backbone):
         img_size: the side of the square input the data pipeline resizes to.
         mean: per-channel normalisation mean.
         std: per-channel normalisation std.
+        weights: path to a local ``.pth``/``.bin``/``.safetensors`` state dict of this architecture (e.g. the
+            ``backbone.safetensors`` a self-supervised run exports).
     """
 
     def __init__(
@@ -38,6 +41,7 @@ class SmallCNN(Backbone):
         img_size: int = 32,
         mean: tuple[float, float, float] | list[float] = (0.5, 0.5, 0.5),
         std: tuple[float, float, float] | list[float] = (0.5, 0.5, 0.5),
+        weights: str | None = None,
     ) -> None:
         super().__init__()
         if norm not in _NORMS:
@@ -53,6 +57,8 @@ class SmallCNN(Backbone):
         self.features = nn.Sequential(*layers)
         self.num_features = int(widths[-1])
         self.data_config = DataConfig(input_size=(img_size, img_size), mean=tuple(mean), std=tuple(std))
+        if weights:
+            load_weights(self, weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature map ``(B, C, H / prod(strides), W / prod(strides))``."""

@@ -4,6 +4,10 @@ Training yields ``{domain: (x, y)}`` with one batch from every source domain per
 ``CombinedLoader`` in ``max_size_cycle`` mode), so every method sees domain labels; ``batch_size`` is per
 domain. Validation yields, in :func:`eval_splits` order, the ``in`` and ``out`` split of every domain,
 sources and held-out ones alike, so any selection rule can be applied after training.
+
+Self-supervised methods ask for ``views`` > 1: each training image then comes as ``views`` independent draws
+of the training augmentation and a domain's batch is ``(x (V, B, C, H, W), y)``. ``labels_per_class`` keeps
+only ``k`` training images per class and source domain (few-label linear probes); evaluation is unchanged.
 """
 
 from __future__ import annotations
@@ -12,27 +16,66 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from dgkit.backbones.base import DataConfig
-from dgkit.data.benchmark import Benchmark, eval_splits, resolve_test_domains, split_indices
+from dgkit.data.benchmark import Benchmark, eval_splits, resolve_test_domains, seed_hash, split_indices
 from dgkit.data.transforms import build_transform
 
 
 class TransformedDataset(Dataset):
-    """Applies an albumentations pipeline to ``(uint8 image, label)`` items."""
+    """Applies an albumentations pipeline to ``(uint8 image, label)`` items.
 
-    def __init__(self, dataset: Dataset, transform) -> None:
+    With ``views`` > 1 the image is transformed ``views`` times independently and stacked ``(V, C, H, W)``.
+    """
+
+    def __init__(self, dataset: Dataset, transform, views: int = 1) -> None:
         self.dataset = dataset
         self.transform = transform
+        self.views = views
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int):
         image, label = self.dataset[i]
-        return self.transform(image=image)["image"], label
+        if self.views == 1:
+            return self.transform(image=image)["image"], label
+        return torch.stack([self.transform(image=image)["image"] for _ in range(self.views)]), label
+
+
+def _collate_views(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate multi-view items into ``(x (V, B, C, H, W), y (B,))``: ``x[v]`` is one view column."""
+    x, y = default_collate(items)  # x: (B, V, C, H, W)
+    return x.transpose(0, 1), y
+
+
+def labels_of(dataset: Dataset) -> np.ndarray:
+    """Every label of a benchmark dataset, from its ``labels`` array when it has one (no image decoding)."""
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = [dataset[i][1] for i in range(len(dataset))]
+    return np.asarray(labels, dtype=np.int64)
+
+
+def few_labels(indices: np.ndarray, labels: np.ndarray, k: int, seed: int, domain: str) -> np.ndarray:
+    """``k`` of ``indices`` per class (sorted), drawn with a seed keyed on ``(seed, domain)``.
+
+    Raises:
+        ValueError: a class has fewer than ``k`` images among ``indices``.
+    """
+    rng = np.random.RandomState(seed_hash(seed, domain, "labels_per_class"))
+    picked = []
+    for c in np.unique(labels):
+        pool = indices[labels[indices] == c]
+        if len(pool) < k:
+            raise ValueError(
+                f"data.labels_per_class={k}: domain {domain!r} has only {len(pool)} training images of class {c}"
+            )
+        picked.append(rng.choice(pool, size=k, replace=False))
+    return np.sort(np.concatenate(picked))
 
 
 class DGDataModule(pl.LightningDataModule):
@@ -52,6 +95,10 @@ class DGDataModule(pl.LightningDataModule):
         eval_batch_size: evaluation batch size.
         num_workers: DataLoader worker processes.
         augment: training augmentation policy (see ``dgkit.data.transforms``).
+        views: augmented views per training image (SSL methods ask for 2; the composition root sets it from
+            the method's ``train_views``).
+        labels_per_class: keep only this many training images per class and source domain (``None``: all),
+            drawn with a seed keyed on ``(split_seed, domain)``; every class of the benchmark must have as many.
     """
 
     def __init__(
@@ -68,10 +115,16 @@ class DGDataModule(pl.LightningDataModule):
         eval_batch_size: int = 256,
         num_workers: int = 0,
         augment: str = "none",
+        views: int = 1,
+        labels_per_class: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} and data.eval_batch_size={eval_batch_size} must be >= 1")
+        if views < 1:
+            raise ValueError(f"data.views={views} must be >= 1")
+        if labels_per_class is not None and labels_per_class < 1:
+            raise ValueError(f"data.labels_per_class={labels_per_class} must be >= 1 (or null for every label)")
         self.benchmark = benchmark
         self.name = name or benchmark.name
         self.root = root
@@ -81,6 +134,7 @@ class DGDataModule(pl.LightningDataModule):
         self.data_config = data_config or (DataConfig((image_size, image_size)) if image_size else DataConfig())
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.augment = num_workers, augment
+        self.views, self.labels_per_class = views, labels_per_class
         build_transform(self.data_config, augment, train=True)  # validate the policy name now
         self.splits: dict[tuple[str, str], np.ndarray] = {}
         for d in self.domains:
@@ -88,6 +142,11 @@ class DGDataModule(pl.LightningDataModule):
             if n == 0:
                 raise ValueError(f"domain {d!r} of {self.name} is empty")
             self.splits[(d, "in")], self.splits[(d, "out")] = split_indices(n, split_seed, d, holdout_fraction)
+        self.train_indices = {d: self.splits[(d, "in")] for d in self.source_domains}
+        if labels_per_class is not None:
+            for d in self.source_domains:
+                labels = labels_of(benchmark.datasets[d])
+                self.train_indices[d] = few_labels(self.train_indices[d], labels, labels_per_class, split_seed, d)
 
     @property
     def num_classes(self) -> int:
@@ -105,6 +164,12 @@ class DGDataModule(pl.LightningDataModule):
         subset = Subset(self.benchmark.datasets[domain], self.splits[(domain, split)].tolist())
         return TransformedDataset(subset, transform)
 
+    def train_split(self, domain: str) -> Dataset:
+        """A source domain's training images (its ``in`` split, or ``labels_per_class`` of it), ``views`` each."""
+        transform = build_transform(self.data_config, self.augment, train=True)
+        subset = Subset(self.benchmark.datasets[domain], self.train_indices[domain].tolist())
+        return TransformedDataset(subset, transform, views=self.views)
+
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         batch = self.batch_size if train else self.eval_batch_size
         return DataLoader(
@@ -115,11 +180,12 @@ class DGDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=False,
+            collate_fn=_collate_views if getattr(dataset, "views", 1) > 1 else None,
         )
 
     def train_dataloader(self) -> CombinedLoader:
-        """One loader per source domain (``in`` split), combined so each step has a batch from each."""
-        loaders = {d: self._loader(self.split(d, "in", train=True), train=True) for d in self.source_domains}
+        """One loader per source domain (:meth:`train_split`), combined so each step has a batch from each."""
+        loaders = {d: self._loader(self.train_split(d), train=True) for d in self.source_domains}
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self) -> list[DataLoader]:

@@ -1,6 +1,11 @@
 """Training objectives: the ``Method`` base (a LightningModule) and one file per objective."""
 
 from dgkit.methods.base import Method
+from dgkit.methods.dann import DANN
 from dgkit.methods.erm import ERM
+from dgkit.methods.linear_probe import LinearProbe
+from dgkit.methods.sharpness import Sharpness
+from dgkit.methods.simclr import SimCLR
+from dgkit.methods.udim import UDIM
 
-__all__ = ["ERM", "Method"]
+__all__ = ["DANN", "ERM", "LinearProbe", "Method", "Sharpness", "SimCLR", "UDIM"]

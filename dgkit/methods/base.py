@@ -3,11 +3,15 @@
 It owns the classifier head, the training/validation/test steps, per-domain accuracy (torchmetrics),
 logging, and the optimiser and scheduler (Hydra ``_partial_`` configs, so optimiser sweeps need no code).
 A subclass overrides :meth:`Method.training_losses` and, in the common case, nothing else.
+
+Batch Styles Standardization (``+augment=bss``, see ``dgkit.data.style``) reaches objectives through
+:meth:`Method.with_bss_copy`: one line after :meth:`Method.concat` appends the standardised copy of the batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -15,6 +19,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from dgkit.data.benchmark import eval_splits
+from dgkit.data.style import BatchStylesStandardization
 
 SOURCE_VAL_METRIC = "val/acc/source_out"
 
@@ -29,7 +34,16 @@ class Method(pl.LightningModule):
         test_domains: the held-out domains (never used for training or model selection).
         optimizer: ``partial`` taking the parameters (e.g. ``torch.optim.Adam`` with ``lr``).
         scheduler: optional ``partial`` taking the optimiser; stepped every training step.
+
+    Attributes:
+        bss: Batch Styles Standardization from ``augment.bss`` (``None``: off). The composition root sets it
+            after construction, so subclasses need not forward it; objectives use it via :meth:`with_bss_copy`.
+        train_views: augmented views per training image the method needs from the data (SSL: 2).
+        exports_backbone: whether a finished run writes ``backbone.safetensors`` (SSL: the backbone is the product).
     """
+
+    train_views: ClassVar[int] = 1
+    exports_backbone: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -54,6 +68,8 @@ class Method(pl.LightningModule):
         self.eval_names = eval_splits(self.domains)
         self.val_acc = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in self.eval_names)
         self.test_acc = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in self.domains)
+        self.bss: BatchStylesStandardization | None = None
+        self._bss_used = False  # set by whatever consumes self.bss; checked after each training step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``(B, num_classes)``."""
@@ -67,6 +83,11 @@ class Method(pl.LightningModule):
     def training_step(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         """Compute and log the loss dict; Lightning back-propagates ``loss``."""
         losses = self.training_losses(batch)
+        if self.bss is not None and not self._bss_used:
+            raise RuntimeError(
+                f"augment.bss is set but {type(self).__name__} does not use it: its training_losses must call "
+                "self.with_bss_copy(...) (drop +augment=bss or add that line)"
+            )
         n = sum(len(y) for _, y in batch.values())
         for key, value in losses.items():
             self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", batch_size=n)
@@ -77,6 +98,29 @@ class Method(pl.LightningModule):
         """All source domains of a step as one batch ``(x, y)``."""
         xs, ys = zip(*batch.values())
         return torch.cat(xs), torch.cat(ys)
+
+    def with_bss_copy(self, x: torch.Tensor, *targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(x, *targets)``, plus the BSS copy of ``x`` appended with probability ``augment.bss.p``.
+
+        The copy standardises the whole (multi-domain) batch to one reference style; the originals are kept,
+        so batch-norm statistics still see natural images. Every target (labels, domain labels...) is repeated
+        to match. Without ``augment.bss`` the inputs come back unchanged.
+
+        Args:
+            x: normalised images ``(B, C, H, W)``.
+            targets: tensors ``(B, ...)`` aligned with ``x``.
+
+        Returns:
+            ``(x, *targets)`` with ``B`` or ``2B`` rows; rows ``B:`` are ``BSS(x)``.
+        """
+        if self.bss is None:
+            return (x, *targets)
+        self._bss_used = True
+        if not self.bss.should_apply():
+            return (x, *targets)
+        cfg = self.backbone.data_config
+        x_bss = self.bss(x, cfg.mean, cfg.std)  # (B, C, H, W)
+        return (torch.cat([x, x_bss]), *(torch.cat([t, t]) for t in targets))
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):

@@ -12,9 +12,9 @@ from dgkit.methods.base import Method
 
 
 class ERM(Method):
-    """Cross-entropy over the concatenation of every source domain's batch."""
+    """Cross-entropy over the concatenation of every source domain's batch (and its BSS copy, if configured)."""
 
     def training_losses(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """``{"loss": CE}`` over all source images of the step."""
-        x, y = self.concat(batch)
+        x, y = self.with_bss_copy(*self.concat(batch))  # (B or 2B, C, H, W): + BSS copy under +augment=bss
         return {"loss": F.cross_entropy(self(x), y)}
