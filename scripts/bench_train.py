@@ -124,8 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         data_rate = run_data(cfg, args.warmup)
     d, pl_ = statistics.median(dgkit_rates), statistics.median(plain_rates)
     print(f"\nmachine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads={args.threads}")
-    print(f"config: +exp={args.exp} {' '.join(args.overrides)} ({args.steps} steps, {args.warmup} warm-up, "
-          f"{args.repeats} interleaved repeats)")
+    print(
+        f"config: +exp={args.exp} {' '.join(args.overrides)} ({args.steps} steps, {args.warmup} warm-up, "
+        f"{args.repeats} interleaved repeats)"
+    )
     print("| loop | steps/s (median) |\n|---|---|")
     print(f"| dgkit ERM (Lightning) | {d:.3f} |\n| plain PyTorch loop | {pl_:.3f} |")
     print(f"| data loader alone | {data_rate:.1f} |")
