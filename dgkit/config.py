@@ -15,7 +15,9 @@ def slug(text: str, max_len: int = 160) -> str:
     if not text:
         return "default"
     safe = _UNSAFE.sub("_", text).strip("_") or "default"
-    if len(safe) > max_len:
+    # Substituted characters could make two different override sets collide, and long names are cut: a hash
+    # of the original text keeps them apart.
+    if safe != text or len(safe) > max_len:
         safe = safe[: max_len - 9] + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
     return safe
 

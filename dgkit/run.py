@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,12 @@ warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended befor
 
 
 def hparams_id(cfg: DictConfig) -> str:
-    """A short id of everything that defines the learning problem except seed and held-out domains."""
-    c = OmegaConf.to_container(cfg, resolve=True)
+    """A short id of everything that defines the learning problem except seed and held-out domains.
+
+    Hashed before interpolations are resolved, so where the data lives (``paths``, ``data.root`` and what
+    interpolates them) does not make the same configuration a second hyper-parameter candidate.
+    """
+    c = OmegaConf.to_container(cfg, resolve=False)
     for key in _RUN_KEYS:
         c.pop(key, None)
     for key in _DATA_RUN_KEYS:
@@ -111,18 +116,41 @@ def export_backbone(backbone: nn.Module, path: str | Path) -> Path:
     return atomic_write(path, lambda f: f.write(safetensors_bytes(state)), binary=True)
 
 
-def _resume_path(cfg: DictConfig, out: Path) -> str | None:
-    last = out / "checkpoints" / "last.ckpt"
+def _resume_mode(cfg: DictConfig) -> str:
     mode = str(cfg.get("resume", "auto")).lower()
     if mode not in ("auto", "true", "false"):
         raise ValueError(f"resume={cfg.resume!r}; choose one of auto, true, false")
+    return mode
+
+
+def _check_same_run(cfg: DictConfig, out: Path) -> None:
+    """Refuse to skip or resume a run folder that holds a run of another configuration or seed."""
+    previous = out / "run.json"
+    if not previous.exists():
+        return
+    old = json.loads(previous.read_text())
+    new = {"hparams": hparams_id(cfg), "seed": int(cfg.seed)}
+    changed = [k for k in new if old.get(k) != new[k]]
+    if changed:
+        raise ValueError(
+            f"{out} holds a run with other {' and '.join(changed)} ({old.get('hparams')}, seed {old.get('seed')}): "
+            "the config changed since it was trained. Pass resume=false to train it again from scratch, "
+            "or choose another output folder (hydra.run.dir=... / hydra.sweep.dir=...)."
+        )
+
+
+def _clear_run(out: Path) -> None:
+    """``resume=false``: forget the previous attempt (records, checkpoints, outcome) before starting over."""
+    for name in ("results.jsonl", "final.json", "done"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def _resume_path(cfg: DictConfig, out: Path, mode: str) -> str | None:
+    last = out / "checkpoints" / "last.ckpt"
     if mode == "true" and not last.exists():
         raise FileNotFoundError(f"resume=true but there is no checkpoint at {last}")
-    if mode == "false":
-        (out / "results.jsonl").unlink(missing_ok=True)
-        (out / "done").unlink(missing_ok=True)
-        return None
-    return str(last) if last.exists() else None
+    return str(last) if mode != "false" and last.exists() else None
 
 
 def _trainer(cfg: DictConfig, out: Path, resolved: dict[str, Any]) -> pl.Trainer:
@@ -157,9 +185,17 @@ def _trainer(cfg: DictConfig, out: Path, resolved: dict[str, Any]) -> pl.Trainer
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one run as configured and return its ``final.json`` content."""
     out = Path(cfg.output_dir)
-    if (out / "done").exists() and str(cfg.get("resume", "auto")).lower() != "false":
+    mode = _resume_mode(cfg)
+    if mode == "false":
+        _clear_run(out)
+    else:
+        _check_same_run(cfg, out)
+    if (out / "done").exists():
         log.info("%s is already finished (done marker); pass resume=false to train it again", out)
-        return json.loads((out / "final.json").read_text())
+        final = json.loads((out / "final.json").read_text())
+        if cfg.get("print_summary", True):
+            print_summary(final, final["domains"], final["test_domains"])
+        return final
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -176,7 +212,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(resolved))
     atomic_write_json(out / "run.json", run_info)
-    ckpt_path = _resume_path(cfg, out)
+    ckpt_path = _resume_path(cfg, out, mode)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     trainer = _trainer(cfg, out, resolved)

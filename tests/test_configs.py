@@ -22,7 +22,7 @@ def test_experiment_composes(exp, tmp_path):
 def test_domainbed_presets():
     for exp, data, interval in [("pacs_erm", "PACS", 300), ("domainnet_erm", "DomainNet", 1000)]:
         cfg = compose_cfg([f"+exp={exp}"], Path("/tmp/x"))
-        assert cfg.data.name == data and cfg.backbone.name == "resnet50"
+        assert cfg.data.name == data and cfg.backbone.name == "resnet50.tv_in1k" and cfg.backbone.freeze_bn
         assert cfg.trainer.max_steps == 5001 and cfg.trainer.val_check_interval == interval
         assert cfg.method.optimizer.lr == 5e-5 and cfg.data.batch_size == 32
 

@@ -38,18 +38,52 @@ def test_last_step_is_evaluated(tiny_cfg, tmp_path):
 def test_resume_continues_from_last_checkpoint(tiny_cfg, tmp_path, monkeypatch):
     calls = []
     real = ERM.training_losses
-    monkeypatch.setattr(ERM, "training_losses", lambda self, batch: calls.append(1) or real(self, batch))
+
+    def killed_at_step_5(self, batch):
+        calls.append(1)
+        if len(calls) == 5 and not resumed:
+            raise RuntimeError("killed")  # the process dies after the step-4 evaluation and checkpoint
+        return real(self, batch)
+
+    monkeypatch.setattr(ERM, "training_losses", killed_at_step_5)
     out = tmp_path / "run"
-    train(tiny_cfg())
-    assert len(calls) == 4
-    (out / "done").unlink()  # as if the process had been killed after its last checkpoint
-    calls.clear()
-    train(tiny_cfg("trainer.max_steps=6"))
+    resumed = False
+    with pytest.raises(RuntimeError, match="killed"):
+        train(tiny_cfg("trainer.max_steps=6"))
+    assert not (out / "done").exists()
+    resumed, calls[:] = True, []
+    train(tiny_cfg("trainer.max_steps=6"))  # the same command again
     assert len(calls) == 2  # steps 5 and 6 only: it continued from step 4
     assert [r["step"] for r in read_jsonl(out / "results.jsonl")] == [2, 4, 6]
     calls.clear()
     train(tiny_cfg("trainer.max_steps=6"))  # finished: skipped
     assert calls == []
+
+
+def test_changed_config_is_not_resumed(tiny_cfg, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(tiny_cfg())
+    with pytest.raises(ValueError, match="other hparams.*resume=false"):
+        train(tiny_cfg("method.optimizer.lr=0.5"))
+    calls = []
+    real = ERM.training_losses
+    monkeypatch.setattr(ERM, "training_losses", lambda self, batch: calls.append(1) or real(self, batch))
+    train(tiny_cfg("method.optimizer.lr=0.5", "resume=false"))  # explicitly start over
+    assert len(calls) == 4 and [r["step"] for r in read_jsonl(out / "results.jsonl")] == [2, 4]
+
+
+def test_hparams_id_ignores_where_data_lives(tiny_cfg):
+    from dgkit.run import hparams_id
+
+    base = hparams_id(tiny_cfg())
+    assert hparams_id(tiny_cfg("paths.datasets=/elsewhere")) == base
+    assert hparams_id(tiny_cfg("seed=3", "data.test_domains=[a]")) == base
+    assert hparams_id(tiny_cfg("method.optimizer.lr=0.1")) != base
+
+
+def test_empty_source_validation_split_is_an_error(tiny_cfg):
+    with pytest.raises(ValueError, match="empty 'out' split.*holdout_fraction"):
+        train(tiny_cfg("data.holdout_fraction=0.0"))
 
 
 def test_cli_multirun_skips_finished_jobs(tmp_path):

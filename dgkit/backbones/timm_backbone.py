@@ -38,7 +38,7 @@ class TimmBackbone(Backbone):
         if pretrained and weights:
             raise ValueError("set either backbone.pretrained=true or backbone.weights=PATH, not both")
         kwargs = dict(model_kwargs or {})
-        if name not in timm.list_models():
+        if not timm.is_model(name):  # accepts pretrained tags too (resnet50.tv_in1k)
             close = timm.list_models(f"*{name.split('_')[0]}*")[:15]
             raise ValueError(f"backbone.name={name!r} is not a timm model; similar names: {close}")
         self.model = self._create(name, pretrained, kwargs)

@@ -142,6 +142,11 @@ class DGDataModule(pl.LightningDataModule):
             if n == 0:
                 raise ValueError(f"domain {d!r} of {self.name} is empty")
             self.splits[(d, "in")], self.splits[(d, "out")] = split_indices(n, split_seed, d, holdout_fraction)
+            if d in self.source_domains and len(self.splits[(d, "out")]) == 0:
+                raise ValueError(
+                    f"source domain {d!r} ({n} images) gets an empty 'out' split with data.holdout_fraction="
+                    f"{holdout_fraction}: training-domain validation needs one; raise data.holdout_fraction"
+                )
         self.train_indices = {d: self.splits[(d, "in")] for d in self.source_domains}
         if labels_per_class is not None:
             for d in self.source_domains:
@@ -178,7 +183,7 @@ class DGDataModule(pl.LightningDataModule):
             shuffle=train,
             drop_last=train and len(dataset) > batch,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=train and self.num_workers > 0,  # evaluation workers are not kept between runs
             pin_memory=False,
             collate_fn=_collate_views if getattr(dataset, "views", 1) > 1 else None,
         )
