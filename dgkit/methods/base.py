@@ -88,10 +88,13 @@ class Method(pl.LightningModule):
                 f"augment.bss is set but {type(self).__name__} does not use it: its training_losses must call "
                 "self.with_bss_copy(...) (drop +augment=bss or add that line)"
             )
-        n = sum(len(y) for _, y in batch.values())
-        for key, value in losses.items():
-            self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", batch_size=n)
+        self.log_losses(losses, sum(len(y) for _, y in batch.values()))
         return losses["loss"]
+
+    def log_losses(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Log every entry of a loss dict as ``train/<key>`` (also for manual-optimisation steps)."""
+        for key, value in losses.items():
+            self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", batch_size=batch_size)
 
     @staticmethod
     def concat(batch: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

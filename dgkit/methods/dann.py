@@ -155,9 +155,7 @@ class DANN(Method):
                 opt_g.zero_grad()
                 self.manual_backward(losses["loss"])
                 opt_g.step()
-        n = sum(len(y) for _, y in batch.values())
-        for key, value in losses.items():
-            self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", batch_size=n)
+        self.log_losses(losses, sum(len(y) for _, y in batch.values()))
         return None
 
     def _discriminator_losses(self, batch: Batch) -> dict[str, torch.Tensor]:

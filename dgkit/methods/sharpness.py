@@ -196,8 +196,3 @@ class Sharpness(Method):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-
-    def log_losses(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
-        """Log every entry as ``train/<key>``, as the base ``training_step`` does."""
-        for key, value in losses.items():
-            self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", batch_size=batch_size)
