@@ -8,14 +8,15 @@ protocol, and writes the run folder atomically:
 - ``results.jsonl``: one record per evaluation; ``checkpoints/best.ckpt`` (training-domain validation) and
   ``checkpoints/last.ckpt``;
 - ``final.json``: the selected step and its per-domain accuracies; ``done``: written last;
-- ``backbone.safetensors``: the last step's backbone, for methods that export it (self-supervised ones), in
-  the format ``backbone.weights=PATH`` reads.
+- ``backbone.safetensors``: the last step's backbone, for methods that export it (self-supervised ones) or when
+  ``export_backbone=true`` (supervised pre-training), in the format ``backbone.weights=PATH`` reads.
 
 Rerunning the same command resumes from ``last.ckpt``; a finished run (``done``) is skipped.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -28,10 +29,12 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+from peft.tuners.tuners_utils import BaseTunerLayer
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from dgkit.adapters import AdapterLinear, SplitQKV, merge
 from dgkit.callbacks import ConfigInCheckpoint, EvaluateAtLastStep, ResultsWriter
 from dgkit.data.style import BatchStylesStandardization
 from dgkit.methods.base import SOURCE_VAL_METRIC
@@ -41,7 +44,7 @@ from dgkit.utils.io import atomic_write, atomic_write_json, atomic_write_text, r
 log = logging.getLogger(__name__)
 
 # Keys that do not change what is learned: left out of the hyper-parameter id.
-_RUN_KEYS = ("seed", "output_dir", "resume", "threads", "logger", "paths", "tag", "print_summary")
+_RUN_KEYS = ("seed", "output_dir", "resume", "threads", "logger", "paths", "tag", "print_summary", "export_backbone")
 _DATA_RUN_KEYS = ("test_domains", "root", "num_workers", "eval_batch_size")
 _TRAINER_RUN_KEYS = ("devices", "accelerator", "enable_progress_bar", "log_every_n_steps", "num_nodes")
 
@@ -71,6 +74,8 @@ def hparams_id(cfg: DictConfig) -> str:
         augment.pop(key)  # a disabled augmentation learns the same thing as none
     if not augment:
         c.pop("augment", None)
+    if (c.get("adapter") or {}).get("_target_") == "dgkit.adapters.FullFineTuning":
+        c.pop("adapter")  # full fine-tuning learns what a config without the adapter group learned
     return hashlib.sha1(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
@@ -84,12 +89,18 @@ def build_bss(cfg: DictConfig) -> BatchStylesStandardization | None:
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
-    """Instantiate the backbone, the DataModule (using the backbone's data config) and the method.
+    """Instantiate the backbone, apply the adapter, then the DataModule (using the backbone's data config) and the
+    method.
 
-    The DataModule gives each training image as many augmented views as the method's ``train_views``
-    (SSL: 2); ``augment.bss`` is attached to the method as ``method.bss``.
+    The adapter (``adapter=...``) transforms the backbone after its weights are loaded and before the method is
+    built, so every objective trains the adapted backbone; its callbacks (SoMA's annealed weight decay) reach the
+    trainer through ``method.extra_callbacks``. The DataModule gives each training image as many augmented views
+    as the method's ``train_views`` (SSL: 2); ``augment.bss`` is attached to the method as ``method.bss``.
     """
     backbone = instantiate(cfg.backbone)
+    adapter = instantiate(cfg.adapter) if cfg.get("adapter") else None
+    if adapter is not None:
+        adapter.apply(backbone)
     views = getattr(get_class(cfg.method._target_), "train_views", 1)
     datamodule = instantiate(cfg.data, _partial_=True)(
         data_config=backbone.data_config, split_seed=cfg.seed, views=views
@@ -101,6 +112,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
         test_domains=datamodule.test_domains,
     )
     method.bss = build_bss(cfg)
+    method.extra_callbacks = adapter.callbacks() if adapter is not None else []
     return datamodule, method
 
 
@@ -112,6 +124,8 @@ def _weights_module(backbone: nn.Module) -> nn.Module:
 
 def export_backbone(backbone: nn.Module, path: str | Path) -> Path:
     """Write ``backbone``'s weights to ``path`` (safetensors, atomically) in the key space its loader reads."""
+    if any(isinstance(m, AdapterLinear | BaseTunerLayer | SplitQKV) for m in backbone.modules()):
+        backbone = merge(copy.deepcopy(backbone))  # adapters folded: the file fits the plain architecture
     state = {k: v.detach().cpu().contiguous() for k, v in _weights_module(backbone).state_dict().items()}
     return atomic_write(path, lambda f: f.write(safetensors_bytes(state)), binary=True)
 
@@ -221,7 +235,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return {}
     final = summarise_run(read_jsonl(out / "results.jsonl"), datamodule.domains, datamodule.test_domains)
     final.update(run_info, best_checkpoint=str(out / "checkpoints" / "best.ckpt"))
-    if method.exports_backbone:
+    if method.exports_backbone or cfg.get("export_backbone", False):
         weights = export_backbone(method.backbone, out / "backbone.safetensors")
         final["backbone_weights"] = str(weights)
         log.info("backbone weights of step %d exported: backbone.weights=%s", trainer.global_step, weights)

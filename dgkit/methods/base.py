@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from dgkit.adapters import regularizers
 from dgkit.data.benchmark import eval_splits
 from dgkit.data.style import BatchStylesStandardization
 
@@ -69,6 +70,7 @@ class Method(pl.LightningModule):
         self.val_acc = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in self.eval_names)
         self.test_acc = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in self.domains)
         self.bss: BatchStylesStandardization | None = None
+        self.extra_callbacks: list[pl.Callback] = []  # set by the composition root (adapter callbacks)
         self._bss_used = False  # set by whatever consumes self.bss; checked after each training step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,6 +97,22 @@ class Method(pl.LightningModule):
         """Log every entry of a loss dict as ``train/<key>`` (also for manual-optimisation steps)."""
         for key, value in losses.items():
             self.log(f"train/{key}", value.detach(), prog_bar=key == "loss", batch_size=batch_size)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Add the gradient of the backbone adapters' penalty (``dgkit.adapters.regularizers``, e.g. PEGO's
+        orthogonality loss) and log it as ``train/reg``.
+
+        Back-propagating it here, once per optimiser step, is adding it to the loss; it also reaches objectives
+        with manual optimisation (sharpness, UDIM, alternating DANN: only for the optimiser that steps the backbone).
+        """
+        reg = regularizers(self.backbone)
+        if reg is None or not reg.requires_grad:
+            return
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not any(id(p) in stepped for p in self.backbone.parameters() if p.requires_grad):
+            return
+        reg.backward()
+        self.log("train/reg", reg.detach())
 
     @staticmethod
     def concat(batch: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,6 +176,10 @@ class Method(pl.LightningModule):
                 metric.reset()
 
     # ---- optimisation ---------------------------------------------------------------------------------
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Callbacks the adapter asked for (``extra_callbacks``, e.g. SoMA's annealed weight decay)."""
+        return list(self.extra_callbacks)
+
     def configure_optimizers(self):
         """Build the optimiser (and per-step scheduler) from the configured partials, trainable params only."""
         params = [p for p in self.parameters() if p.requires_grad]
