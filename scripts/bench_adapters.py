@@ -1,8 +1,9 @@
 """Adapter cost: training step time relative to full fine-tuning, inference time after merge relative to the base.
 
 Every adapter is built through the composition root (``build``) on the same backbone and measured in one
-process, interleaved round by round (A B C ... A B C ...) so machine load hits all alike; the median of the
-rounds is reported. A training step is forward + backward + optimiser step on one batch (``batch`` images per
+process, interleaved round by round (A B C ... A B C ...), and every inference call alternates base / merged / unmerged,
+so machine load hits all alike; each call is timed alone and medians are reported. A training step is
+forward + backward + optimiser step on one batch (``batch`` images per
 source domain, the data pipeline excluded); inference is a no-grad forward in eval mode, unmerged and after
 ``dgkit.adapters.merge``, against the base model without any adapter.
 
@@ -42,12 +43,10 @@ def _method(args, adapter: str):
     return method
 
 
-def _time(fn, reps: int) -> float:
-    fn()  # warm-up
+def _time(fn) -> float:
     start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - start) / reps
+    fn()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -57,7 +56,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="vit_digits")
     parser.add_argument("--batch", type=int, default=96, help="training batch (3 source domains x 32)")
     parser.add_argument("--eval-batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=3, help="timed repetitions per round")
+    parser.add_argument("--steps", type=int, default=4, help="timed calls per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
@@ -97,17 +96,21 @@ def main() -> None:
         return forward
 
     rows = {a: {"train": [], "unmerged": [], "merged": [], "base": []} for a in methods}
+    for name in methods:  # warm-up
+        train_step(name)()
+        infer(merged[name])()
     for _ in range(args.rounds):
         for name in methods:
-            rows[name]["train"].append(_time(train_step(name), args.steps))
-            rows[name]["base"].append(_time(infer(base_eval), args.steps))
-            rows[name]["unmerged"].append(_time(infer(methods[name].eval()), args.steps))
-            rows[name]["merged"].append(_time(infer(merged[name]), args.steps))
+            for _ in range(args.steps):  # per call, alternating base / merged / unmerged: load hits all alike
+                rows[name]["train"].append(_time(train_step(name)))
+                rows[name]["base"].append(_time(infer(base_eval)))
+                rows[name]["merged"].append(_time(infer(merged[name])))
+                rows[name]["unmerged"].append(_time(infer(methods[name].eval())))
     full_ft = statistics.median(rows["none"]["train"]) if "none" in rows else float("nan")
 
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), "
           f"torch {torch.__version__}; backbone {args.backbone}, train batch {args.batch}, eval batch "
-          f"{args.eval_batch}, {args.rounds} rounds x {args.steps} reps (median)")  # fmt: skip
+          f"{args.eval_batch}, {args.rounds} rounds x {args.steps} calls, median per call")  # fmt: skip
     print("| adapter | trainable params (backbone) | train step (ms) | step vs full FT | inference unmerged vs base "
           "| inference merged vs base |")  # fmt: skip
     print("|---|---|---|---|---|---|")
