@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from omegaconf import open_dict
@@ -12,6 +14,7 @@ from dgkit.methods.base import Method
 from dgkit.methods.erm import ERM
 from dgkit.run import build, hparams_id, train
 from dgkit.utils.io import read_jsonl
+from tests.conftest import CONF
 
 
 @pytest.fixture(autouse=True)
@@ -21,6 +24,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+ADAPTERS = sorted(p.stem for p in (CONF / "adapter").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_every_adapter_fits(adapter, tiny_cfg, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="dgkit.adapters"):
+        train(tiny_cfg(f"adapter={adapter}"))
+    assert (tmp_path / "run" / "done").exists()
+    assert re.search(r"adapter .*backbone parameters trainable \(\d+\.\d\d%\)", caplog.text)  # the summary
 
 
 SOMA = ["adapter=soma", "adapter.rank=2", "method.optimizer._target_=torch.optim.AdamW",
