@@ -2,10 +2,12 @@
 
 Usage::
 
-    python scripts/collect_results.py DIR [--out OUTDIR] [--include-incomplete]
+    python scripts/collect_results.py DIR [DIR ...] [--out OUTDIR] [--include-incomplete]
 
-Reads every run directory below ``DIR`` (``run.json`` + ``results.jsonl`` + ``done``), prints the markdown
-tables and writes ``results.md``, ``results.csv`` and ``<dataset>.png`` into ``OUTDIR`` (default ``DIR``).
+Reads every run directory below each ``DIR`` (``run.json`` + ``results.jsonl`` + ``done``), prints the markdown
+tables and writes ``results.md``, ``results.csv`` and ``<dataset>.png`` into ``OUTDIR`` (default: the one
+``DIR``; required with several). Several sweep folders give one table with a row per ``tag`` (e.g. ERM, DANN
+and SAM side by side); runs sharing a tag are hyper-parameter candidates that the selection rules choose from.
 Runs without the ``done`` marker are skipped unless ``--include-incomplete`` is given.
 """
 
@@ -21,8 +23,8 @@ from dgkit.eval import RecordsError, load_runs, split_finished, summarise, to_ma
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command-line arguments."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dir", type=Path, help="sweep directory (run directories at any depth)")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: DIR)")
+    parser.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="sweep directories (runs at any depth)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: DIR; required with several)")
     parser.add_argument("--include-incomplete", action="store_true", help="also use runs without the 'done' marker")
     return parser.parse_args(argv)
 
@@ -30,10 +32,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the collection; return the exit status (0 on success, 1 on error)."""
     args = parse_args(argv)
+    if args.out is None and len(args.dirs) > 1:
+        print("error: --out is required with several sweep directories", file=sys.stderr)
+        return 1
     try:
-        runs = load_runs(args.dir)
-        if not runs:
-            raise RecordsError(f"no runs found under {args.dir} (no run.json in it or below it)")
+        runs = []
+        for folder in args.dirs:
+            found = load_runs(folder)
+            if not found:
+                raise RecordsError(f"no runs found under {folder} (no run.json in it or below it)")
+            runs += found
         finished, unfinished = split_finished(runs)
         if unfinished and not args.include_incomplete:
             print(
@@ -43,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             runs = finished
         if not runs:
-            raise RecordsError(f"no finished runs under {args.dir}")
+            raise RecordsError(f"no finished runs under {', '.join(map(str, args.dirs))}")
         summary = summarise(runs)
         print(to_markdown(summary))
-        written = write_report(summary, args.out or args.dir)
+        written = write_report(summary, args.out or args.dirs[0])
     except (FileNotFoundError, RecordsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -313,3 +313,19 @@ def test_script_runs_from_the_repo_root(seeds_sweep):
     assert result.returncode == 0, result.stderr
     assert "| ERM " in result.stdout
     assert (seeds_sweep / "results.csv").exists()
+
+
+def test_several_sweep_folders_give_one_table(tmp_path, capsys):
+    erm, dann = tmp_path / "erm", tmp_path / "dann"
+    write_run(erm, ("A",), [rec(100, A_in=0.2)], seed=0, tag="ERM")
+    write_run(dann, ("A",), [rec(100, A_in=0.5)], seed=0, tag="DANN")
+    assert run_main([str(erm), str(dann)]) == 1  # several folders need --out
+    assert "--out is required" in capsys.readouterr().err
+    out = tmp_path / "both"
+    assert run_main([str(erm), str(dann), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert table_row(printed, f"toy — {IID.name}", "ERM")[0] == "20.0 ± 0.0"
+    assert table_row(printed, f"toy — {IID.name}", "DANN")[0] == "50.0 ± 0.0"
+    assert (out / "results.md").exists()
+    assert run_main([str(erm), str(tmp_path / "absent"), "--out", str(out)]) == 1
+    assert "absent" in capsys.readouterr().err
