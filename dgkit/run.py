@@ -44,7 +44,9 @@ from dgkit.utils.io import atomic_write, atomic_write_json, atomic_write_text, r
 log = logging.getLogger(__name__)
 
 # Keys that do not change what is learned: left out of the hyper-parameter id.
-_RUN_KEYS = ("seed", "output_dir", "resume", "threads", "logger", "paths", "tag", "print_summary", "export_backbone")
+_RUN_KEYS = (
+    "seed", "output_dir", "resume", "threads", "logger", "paths", "tag", "print_summary", "export_backbone", "tta",
+)  # fmt: skip
 _DATA_RUN_KEYS = ("test_domains", "root", "num_workers", "eval_batch_size")
 _TRAINER_RUN_KEYS = ("devices", "accelerator", "enable_progress_bar", "log_every_n_steps", "num_nodes")
 
@@ -209,6 +211,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         final = json.loads((out / "final.json").read_text())
         if cfg.get("print_summary", True):
             print_summary(final, final["domains"], final["test_domains"])
+        if _tta_requested(cfg) and _tta_requested(cfg) not in final.get("tta", {}):
+            final = _with_tta(cfg, out, final)
         return final
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
@@ -242,5 +246,34 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     atomic_write_json(out / "final.json", final)
     if cfg.get("print_summary", True):
         print_summary(final, datamodule.domains, datamodule.test_domains)
+    if _tta_requested(cfg):
+        final = _with_tta(cfg, out, final)
     atomic_write_text(out / "done", "")
+    return final
+
+
+def _tta_requested(cfg: DictConfig) -> str | None:
+    """The name of the TTA to evaluate after training (``tta=...``), or ``None`` for ``tta=none`` / no group."""
+    block = cfg.get("tta")
+    if not block or not block.get("_target_") or block._target_.endswith(".NoAdaptation"):
+        return None
+    return get_class(block._target_).name
+
+
+def _with_tta(cfg: DictConfig, out: Path, final: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the selected checkpoint (``best.ckpt``) with ``cfg.tta`` on the held-out domains, write
+    ``tta/<name>_bs<batch>.json`` and add a per-domain summary under ``final.json``'s ``tta`` key."""
+    from dgkit.tta.runner import format_result, run_tta  # imported late: it imports this module's build()
+
+    tta = instantiate(cfg.tta)
+    result, path = run_tta(
+        out / "checkpoints" / "best.ckpt", tta, OmegaConf.to_container(cfg.tta, resolve=True), seed=int(cfg.seed)
+    )
+    log.info("test-time adaptation of the selected checkpoint:\n%s\nwritten to %s", format_result(result), path)
+    if cfg.get("print_summary", True):
+        print(format_result(result))
+    sets = {d: {"acc_none": r["acc_none"], "acc_tta": r["acc_tta"]} for d, r in result["sets"].items()}
+    entry = {"batch_size": tta.batch_size, "sets": sets, "time_ratio": result["time_ratio"], "file": str(path)}
+    final = {**final, "tta": {**final.get("tta", {}), tta.name: entry}}
+    atomic_write_json(out / "final.json", final)
     return final

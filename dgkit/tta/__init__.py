@@ -2,11 +2,20 @@
 
 from dgkit.tta.adanpc import AdaNPC, knn_scores
 from dgkit.tta.base import RESET_POLICIES, NoAdaptation, TestTimeAdapter, entropy
-from dgkit.tta.evaluate import evaluate_tta, load_checkpoint
+from dgkit.tta.evaluate import build_test_sets, evaluate_tta
 from dgkit.tta.norm import BNAdapt, Tent
 from dgkit.tta.t3a import T3A
 
 __all__ = [
-    "RESET_POLICIES", "AdaNPC", "BNAdapt", "NoAdaptation", "T3A", "Tent", "TestTimeAdapter", "entropy",
-    "evaluate_tta", "knn_scores", "load_checkpoint",
+    "RESET_POLICIES",
+    "T3A",
+    "AdaNPC",
+    "BNAdapt",
+    "NoAdaptation",
+    "Tent",
+    "TestTimeAdapter",
+    "entropy",
+    "evaluate_tta",
+    "knn_scores",
+    "build_test_sets",
 ]

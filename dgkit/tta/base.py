@@ -60,6 +60,13 @@ class TestTimeAdapter:
         }
         return self
 
+    def bind_method(
+        self, method: nn.Module, source: Iterable[tuple[torch.Tensor, torch.Tensor]] = ()
+    ) -> TestTimeAdapter:
+        """Bind to a trained :class:`~dgkit.methods.base.Method` (its ``backbone`` and ``classifier``); TTAs that
+        need more of the method (DRM's heads, ITTA's learned loss) override this."""
+        return self.bind(method.backbone, method.classifier, source)
+
     def reset(self) -> None:
         """Restore the state recorded at :meth:`bind` (model weights, buffers and the method's own state)."""
         if self._snapshot is None:

@@ -1,59 +1,74 @@
-"""Evaluate a trained checkpoint with and without a test-time adaptation, domain by domain.
+"""Evaluate a trained model with and without a test-time adaptation, test set by test set.
 
-The checkpoint carries its resolved run config (``dgkit_config``), so :func:`load_checkpoint` rebuilds the same
-data, backbone (with its adapter) and method, then loads the weights. :func:`evaluate_tta` streams each test
-domain's ``in`` split (the split the result tables report) in a fixed seeded order, in batches of
-``tta.batch_size``, through the source model and through the TTA, resetting the TTA per its policy.
+Each test set (a held-out domain's ``in`` split by default, the split result tables report, and optionally its
+corrupted copies, ``digits_c``) streams in a fixed order drawn from ``seed``, in batches of ``tta.batch_size``,
+through the source model and through the TTA, which is reset per its policy. A plain loop rather than
+Lightning's test loop: a TTA is stateful and order-dependent, and this keeps the order, the resets and the
+grad/no-grad switch in one visible place (gradient TTAs run under ``torch.enable_grad``, the rest under
+``torch.inference_mode``).
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from dgkit.callbacks import CONFIG_KEY
+from dgkit.data.corruptions import corrupted_sets
+from dgkit.data.datamodule import TransformedDataset
+from dgkit.data.transforms import build_transform
 from dgkit.tta.base import TestTimeAdapter
 
+log = logging.getLogger(__name__)
 
-def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None):
-    """``(config, datamodule, method)`` rebuilt from a dgkit checkpoint, weights loaded, in eval mode.
 
-    Pretrained-weight sources (``backbone.weights``, ``backbone.pretrained``) are switched off: the checkpoint
-    holds every weight. ``overrides`` (dotted keys) change the stored config, e.g. ``{"data.root": ...}``.
+def build_test_sets(
+    datamodule, domains: Sequence[str] | None = None, split: str = "in", corrupt: dict[str, Any] | None = None
+) -> dict[str, Dataset]:
+    """``{name: dataset}`` to evaluate: ``split`` of each of ``domains`` (default: the held-out ones), then, with
+    ``corrupt`` (``names``, ``severities``, ``max_images``, ``seed``; see ``conf/corrupt/``), each domain's
+    split under every corruption and severity, named ``<domain>/<corruption>-<severity>``.
+
+    Raises:
+        ValueError: an unknown domain or split, or an empty test set (an empty domain is not 0 % accuracy).
     """
-    from dgkit.run import build  # the composition root; imported here to keep this module light
+    domains = list(domains) if domains else list(datamodule.test_domains)
+    unknown = [d for d in domains if d not in datamodule.domains]
+    if unknown:
+        raise ValueError(f"unknown test domain(s) {unknown}; this run's domains are {datamodule.domains}")
+    if split not in ("in", "out", "all"):
+        raise ValueError(f"split={split!r}; choose in, out or all")
+    transform = build_transform(datamodule.data_config, datamodule.augment, train=False)
+    sets: dict[str, Dataset] = {}
+    for d in domains:
+        raw = datamodule.benchmark.datasets[d]
+        if split != "all":
+            raw = torch.utils.data.Subset(raw, datamodule.splits[(d, split)].tolist())
+        if len(raw) == 0:
+            raise ValueError(f"test domain {d!r} ({split} split) has no images: an empty domain is not 0 % accuracy")
+        sets[d] = TransformedDataset(raw, transform)
+        if corrupt and corrupt.get("severities"):
+            extra = corrupted_sets(
+                raw, datamodule.name, d, str(datamodule.root or "datasets"), corrupt.get("names"),
+                corrupt["severities"], corrupt.get("max_images"), int(corrupt.get("seed", 0)),
+            )  # fmt: skip
+            sets.update({name: TransformedDataset(ds, transform) for name, ds in extra.items()})
+    return sets
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {path} does not exist (expected a run's checkpoints/best.ckpt or last.ckpt)"
-        )
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if CONFIG_KEY not in ckpt:
-        raise ValueError(f"{path} has no '{CONFIG_KEY}': not a checkpoint written by dgkit's train.py")
-    cfg = OmegaConf.create(ckpt[CONFIG_KEY])
-    if "backbone" in cfg:
-        for key, value in (("weights", None), ("pretrained", False)):
-            if key in cfg.backbone:
-                cfg.backbone[key] = value
-    for key, value in (overrides or {}).items():
-        OmegaConf.update(cfg, key, value, force_add=True)
-    datamodule, method = build(cfg)
-    method.load_state_dict(ckpt["state_dict"])
-    return cfg, datamodule, method.eval()
 
-
-def source_batches(datamodule, batch_size: int) -> DataLoader:
-    """Every labelled source image (``in`` and ``out`` splits, evaluation transform), in benchmark order."""
-    from torch.utils.data import ConcatDataset
-
-    parts = [datamodule.split(d, s) for d in datamodule.source_domains for s in ("in", "out")]
+def source_batches(datamodule, exclude: Sequence[tuple[str, str]] = (), batch_size: int = 256) -> DataLoader:
+    """Every labelled source image (``in`` and ``out`` splits, evaluation transform) except the ``(domain, split)``
+    pairs being evaluated (source-validation runs must not find their own images in AdaNPC's memory)."""
+    parts = [
+        datamodule.split(d, s)
+        for d in datamodule.source_domains
+        for s in ("in", "out")
+        if (d, s) not in set(exclude) and len(datamodule.splits[(d, s)]) > 0
+    ]
     return DataLoader(ConcatDataset(parts), batch_size=batch_size, shuffle=False)
 
 
@@ -65,19 +80,24 @@ def stream(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
 
 
-def _run(predict, loader: DataLoader, grad: bool, before_batch=None) -> tuple[float, float, int]:
-    """``(accuracy, seconds, images)`` of ``predict`` over ``loader``."""
+def run_stream(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    loader: DataLoader,
+    grad: bool,
+    device: torch.device,
+    before_batch: Callable[[], None] | None = None,
+) -> tuple[float, float, int]:
+    """``(accuracy, seconds spent in predict, images)`` of ``predict`` over ``loader``."""
     correct, seen, seconds = 0, 0, 0.0
     for x, y in loader:
+        x, y = x.to(device), y.to(device)
         if before_batch is not None:
             before_batch()
         start = time.perf_counter()
-        if grad:
-            with torch.enable_grad():
-                scores = predict(x)
-        else:
-            with torch.inference_mode():
-                scores = predict(x)
+        with torch.enable_grad() if grad else torch.inference_mode():
+            scores = predict(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds += time.perf_counter() - start
         correct += int((scores.argmax(1) == y).sum())
         seen += len(y)
@@ -85,42 +105,51 @@ def _run(predict, loader: DataLoader, grad: bool, before_batch=None) -> tuple[fl
 
 
 def evaluate_tta(
-    method, datamodule, tta: TestTimeAdapter, domains: Sequence[str] | None = None, seed: int = 0,
-    datasets: dict[str, Dataset] | None = None,
-) -> dict[str, Any]:
-    """Accuracy and time per image of the source model and of ``tta`` on each test domain.
+    method, datamodule, tta: TestTimeAdapter, sets: dict[str, Dataset] | None = None, seed: int = 0,
+    baseline: bool = True, split: str = "in",
+) -> dict[str, Any]:  # fmt: skip
+    """Accuracy and time per image of the source model (``baseline``) and of ``tta`` on each test set.
 
     Args:
-        method: a trained :class:`~dgkit.methods.base.Method` (``backbone`` + ``classifier``).
-        datamodule: its :class:`~dgkit.data.DGDataModule` (source memory and the test splits).
-        tta: an unbound TTA; it is bound to copies of the model here.
-        domains: test domains (default: the run's held-out domains), each evaluated on its ``in`` split.
-        seed: the stream order's seed.
-        datasets: extra named test sets (e.g. corrupted domains) evaluated after ``domains``.
+        method: a trained :class:`~dgkit.methods.base.Method` (``backbone`` + ``classifier``, or its own
+            ``tta_model()``); left unchanged.
+        datamodule: its :class:`~dgkit.data.DGDataModule` (source memory, test splits).
+        tta: an unbound TTA; it is bound here to copies of the model (before any test image is read, so a TTA
+            that does not fit the model fails early).
+        sets: ``{name: dataset}`` from :func:`build_test_sets` (default: the held-out domains' ``in`` splits).
+        seed: the stream order's seed (the same order for the baseline and the TTA).
+        baseline: also evaluate the unadapted model (``acc_none``, ``ms_per_image_none``).
+        split: the split ``sets`` were taken from; those (domain, split) pairs stay out of the source memory.
     """
-    domains = list(domains if domains is not None else datamodule.test_domains)
-    unknown = [d for d in domains if d not in datamodule.domains]
-    if unknown:
-        raise ValueError(f"unknown test domain(s) {unknown}; this run's domains are {datamodule.domains}")
-    sets = {d: datamodule.split(d, "in") for d in domains}
-    sets.update(datasets or {})
+    sets = sets if sets is not None else build_test_sets(datamodule)
     method.eval()
-    tta.bind(method.backbone, method.classifier, source_batches(datamodule, 256))
-    per_domain: dict[str, Any] = {}
+    evaluated = [(name, s) for name in sets for s in ("in", "out") if split in (s, "all")]
+    start = time.perf_counter()
+    tta.bind_method(method, source_batches(datamodule, exclude=evaluated))
+    bind_seconds = time.perf_counter() - start
+    device = tta.device
+    per_set: dict[str, Any] = {}
     for name, dataset in sets.items():
+        row: dict[str, Any] = {"images": len(dataset)}
+        if baseline:
+            acc, secs, n = run_stream(method, stream(dataset, tta.batch_size, seed), False, device)
+            row.update(acc_none=acc, ms_per_image_none=1e3 * secs / n)
         if tta.reset_policy == "per_domain":
             tta.reset()
-        base_acc, base_s, n = _run(method, stream(dataset, tta.batch_size, seed), grad=False)
         before = tta.reset if tta.reset_policy == "per_batch" else None
-        loader = stream(dataset, tta.batch_size, seed)
-        acc, secs, _ = _run(tta.predict, loader, grad=tta.needs_grad, before_batch=before)
-        per_domain[name] = {
-            "images": n, "acc_none": base_acc, "acc_tta": acc,
-            "ms_per_image_none": 1e3 * base_s / n, "ms_per_image_tta": 1e3 * secs / n,
-        }  # fmt: skip
-    return {
+        acc, secs, n = run_stream(tta.predict, stream(dataset, tta.batch_size, seed), tta.needs_grad, device, before)
+        row.update(acc_tta=acc, ms_per_image_tta=1e3 * secs / n)
+        if baseline:
+            row.update(added_ms_per_image=row["ms_per_image_tta"] - row["ms_per_image_none"])
+        per_set[name] = row
+        log.info("%s: %s", name, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+    result: dict[str, Any] = {
         "tta": tta.name, "batch_size": tta.batch_size, "reset": tta.reset_policy, "seed": seed,
-        "domains": per_domain,
-        "mean_acc_none": sum(v["acc_none"] for v in per_domain.values()) / len(per_domain),
-        "mean_acc_tta": sum(v["acc_tta"] for v in per_domain.values()) / len(per_domain),
+        "needs_grad": tta.needs_grad, "bind_seconds": bind_seconds, "sets": per_set,
+        "mean_acc_tta": sum(v["acc_tta"] for v in per_set.values()) / len(per_set),
     }  # fmt: skip
+    if baseline:
+        result["mean_acc_none"] = sum(v["acc_none"] for v in per_set.values()) / len(per_set)
+        none_ms = sum(v["ms_per_image_none"] for v in per_set.values())
+        result["time_ratio"] = sum(v["ms_per_image_tta"] for v in per_set.values()) / none_ms
+    return result

@@ -1,0 +1,71 @@
+"""One TTA evaluation of a checkpoint, end to end: rebuild the run, build the test sets, evaluate with and
+without the TTA, write the result file atomically. Shared by ``scripts/evaluate.py`` and ``train.py tta=...``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dgkit.checkpoint import load_checkpoint
+from dgkit.tta.base import TestTimeAdapter
+from dgkit.tta.evaluate import build_test_sets, evaluate_tta
+from dgkit.utils.io import atomic_write_json
+
+
+def default_result_path(ckpt: str | Path, tta: TestTimeAdapter, split: str = "in", corrupted: bool = False) -> Path:
+    """``<run folder>/tta/<tta>_bs<batch size>[_<split>][_c].json`` for a run's ``checkpoints/<name>.ckpt``."""
+    suffix = ("" if split == "in" else f"_{split}") + ("_c" if corrupted else "")
+    return Path(ckpt).resolve().parents[1] / "tta" / f"{tta.name}_bs{tta.batch_size}{suffix}.json"
+
+
+def run_tta(
+    ckpt: str | Path,
+    tta: TestTimeAdapter,
+    tta_config: dict[str, Any] | None = None,
+    domains: Sequence[str] | None = None,
+    split: str = "in",
+    seed: int = 0,
+    corrupt: dict[str, Any] | None = None,
+    data_root: str | None = None,
+    out: str | Path | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """Evaluate ``ckpt`` with and without ``tta``; return the result and the file it was written to.
+
+    Args:
+        ckpt: a checkpoint written by ``train.py`` (it stores its resolved config).
+        tta: the unbound TTA (``instantiate(cfg.tta)``); tta_config: its config, recorded with the result.
+        domains, split, corrupt: the test sets (:func:`~dgkit.tta.evaluate.build_test_sets`).
+        seed: the test stream's order.
+        data_root: where the benchmark lives, if it moved since training.
+        out: the result file (default :func:`default_result_path`).
+    """
+    overrides = {"data.root": data_root} if data_root else None
+    _, datamodule, method = load_checkpoint(ckpt, overrides)
+    sets = build_test_sets(datamodule, domains, split, corrupt)
+    result = evaluate_tta(method, datamodule, tta, sets, seed=seed, split=split)
+    result.update(
+        ckpt=str(Path(ckpt).resolve()), split=split, tta_config=tta_config or {}, corrupt=corrupt or {},
+        dataset=datamodule.name, test_domains=list(datamodule.test_domains),
+    )  # fmt: skip
+    path = Path(out) if out else default_result_path(ckpt, tta, split, bool(corrupt and corrupt.get("severities")))
+    atomic_write_json(path, result)
+    return result, path
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """A plain-text table of one evaluation."""
+    lines = [
+        f"tta={result['tta']} batch_size={result['batch_size']} reset={result['reset']} split={result.get('split')}",
+        f"{'test set':<28}{'none %':>8}{'tta %':>8}{'ms/img none':>13}{'ms/img tta':>12}",
+    ]
+    for name, row in result["sets"].items():
+        lines.append(
+            f"{name:<28}{100 * row['acc_none']:8.1f}{100 * row['acc_tta']:8.1f}"
+            f"{row['ms_per_image_none']:13.3f}{row['ms_per_image_tta']:12.3f}"
+        )
+    lines.append(
+        f"{'mean':<28}{100 * result['mean_acc_none']:8.1f}{100 * result['mean_acc_tta']:8.1f}"
+        f"   time ratio (tta / none) {result['time_ratio']:.2f}"
+    )
+    return "\n".join(lines)
