@@ -80,11 +80,19 @@ class AdaNPC(TestTimeAdapter):
         feats, labels = [], []
         with torch.no_grad():
             for x, y in source:
-                feats.append(F.normalize(self.backbone(x.to(self.device)), dim=1))
+                feats.append(self.backbone(x.to(self.device)))
                 labels.append(y.to(self.device))
         if not feats:
             raise ValueError("tta=adanpc needs the source domains' labelled images to build its memory; none given")
-        self.source_memory, self.source_labels = torch.cat(feats), torch.cat(labels).long()
+        self.load_source(torch.cat(feats), torch.cat(labels))
+
+    def load_source(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Replace the memory by ``features (M, D)`` (L2-normalised here) with true ``labels (M,)``, no test rows.
+
+        :meth:`setup` calls it with the source features; benchmarks call it with a memory of a chosen size.
+        """
+        self.source_memory = F.normalize(features.to(self.device), dim=1)
+        self.source_labels = labels.to(self.device).long()
         if self.num_classes is None:
             self.num_classes = int(self.source_labels.max()) + 1
         self.test_memory = self.source_memory.new_zeros((0, self.source_memory.shape[1]))
