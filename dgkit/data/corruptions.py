@@ -10,7 +10,7 @@ elsewhere (contrast is hand-written, see :func:`_contrast`). ``frost`` has no al
 
 A corrupted set is rendered once, offline, image by image in dataset order with ``Compose(seed=...)`` keyed
 on ``(seed, domain, corruption, severity)``, so it is identical from run to run, and cached under
-``<root>/<dataset>_c/<domain>/`` by :func:`dgkit.data.embedded.cache.load_or_generate` (manifest + checksums).
+``<root>/<dataset>_c/<domain>-<source checksum>/`` by :func:`dgkit.data.embedded.cache.load_or_generate` (manifest + checksums).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def corrupted_sets(
     seed: int = 0,
 ) -> dict[str, ArrayDataset]:
     """``{"<domain>/<corruption>-<severity>": ArrayDataset}``: ``dataset`` (uint8 images) under every corruption
-    and severity, cached under ``root/<dataset_name>_c/<domain>/``.
+    and severity, cached under ``root/<dataset_name>_c/<domain>-<checksum>/``.
 
     Args:
         dataset: a domain's (or split's) ``(uint8 image, label)`` items.
@@ -154,5 +154,6 @@ def corrupted_sets(
             for s in severities
         }
 
-    arrays = load_or_generate(f"{dataset_name}_c/{domain}", root, generate, VERSION, params)
+    # one folder per source set (e.g. each seed's 'in' split), so evaluating several runs does not thrash the cache
+    arrays = load_or_generate(f"{dataset_name}_c/{domain}-{params['source'][:8]}", root, generate, VERSION, params)
     return {f"{domain}/{key}": ArrayDataset(x, y) for key, (x, y) in arrays.items()}

@@ -27,10 +27,11 @@ def use_batch_statistics(model: nn.Module, what: str) -> list[nn.Module]:
     normalised with its own mean and variance; raise if there is none (``what`` names the TTA)."""
     layers = batchnorm_layers(model)
     if not layers:
+        found = sorted({type(m).__name__ for m in model.modules() if isinstance(m, _AFFINE_NORMS)}) or ["none"]
         raise ValueError(
-            f"tta={what} needs BatchNorm layers in the backbone, and this one has none (e.g. a ViT with LayerNorm): "
-            "choose a backbone with BatchNorm (small_cnn, resnet18, resnet50), or tta=tent (LayerNorm affine), "
-            "t3a or adanpc"
+            f"tta={what} needs BatchNorm layers in the backbone, and this one has none (its normalisation layers: "
+            f"{', '.join(found)}): train with a BatchNorm backbone (backbone.norm=batch for small_cnn/small_cnn_lite, "
+            "resnet18, resnet50), or use tta=tent (LayerNorm/GroupNorm affine), t3a or adanpc"
         )
     for bn in layers:
         bn.train()

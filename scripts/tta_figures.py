@@ -1,0 +1,136 @@
+"""TTA figures over a sweep's checkpoints: accuracy per held-out domain and per corruption/severity, and the
+time per image relative to no TTA, for several TTAs at once (each checkpoint is loaded once).
+
+    python scripts/tta_figures.py 'outputs/multirun/digits_erm/*' --out outputs/tta/digits_erm \\
+        --ttas none,bn_adapt,tent,t3a,adanpc --corrupt-images 128 --threads 1
+    python scripts/tta_figures.py --tables outputs/tta/digits_erm          # markdown tables from the results
+
+Every TTA runs with its ``conf/tta/<name>.yaml`` defaults (no choice is made on the test domains). A TTA that
+does not fit the model (``bn_adapt`` on a GroupNorm CNN) is recorded with its error and shown as ``n/a``.
+Results go to ``<out>/<run folder name>.json`` (atomically); a run already there is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dgkit.checkpoint import load_checkpoint  # noqa: E402
+from dgkit.config import register_resolvers  # noqa: E402
+from dgkit.tta import build_test_sets, evaluate_tta  # noqa: E402
+from dgkit.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
+
+
+def evaluate_run(run: Path, ttas: list[str], corrupt: dict, seed: int) -> dict:
+    """Every TTA on one run's ``best.ckpt``: ``{"test_domains", "results": {tta: result or {"error"}}}``."""
+    _, datamodule, method = load_checkpoint(run / "checkpoints" / "best.ckpt")
+    sets = build_test_sets(datamodule, None, "in", corrupt)
+    results: dict = {}
+    for i, name in enumerate(ttas):
+        tta = instantiate(OmegaConf.load(ROOT / "conf" / "tta" / f"{name}.yaml"))
+        try:  # the unadapted model is measured once, with the first TTA (time ratios are taken against it)
+            results[name] = evaluate_tta(method, datamodule, tta, sets, seed=seed, baseline=i == 0)
+        except ValueError as e:  # a TTA that does not fit this model: recorded, not fatal
+            results[name] = {"error": str(e)}
+        print(f"{run.name} {name}: {results[name].get('mean_acc_tta', results[name].get('error'))}", flush=True)
+    tested = {"run": str(run), "test_domains": list(datamodule.test_domains), "corrupt": corrupt, "ttas": ttas}
+    return {**tested, "results": results}
+
+
+def _mean_se(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    m = 100 * statistics.fmean(values)
+    se = 100 * statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+    return f"{m:.1f} ± {se:.1f}"
+
+
+def tables(folder: Path) -> str:
+    """Markdown tables (mean ± standard error over runs) from every ``<folder>/*.json``."""
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    ttas = records[0]["ttas"]
+    clean: dict = defaultdict(lambda: defaultdict(list))  # domain -> tta -> [acc per run]
+    corr: dict = defaultdict(lambda: defaultdict(list))  # corruption -> tta -> [acc]
+    sev: dict = defaultdict(lambda: defaultdict(list))  # severity -> tta -> [acc]
+    ratio: dict = defaultdict(list)
+    for rec in records:
+        base = rec["results"][rec["ttas"][0]]  # the first TTA also measured the unadapted model
+        base_ms = sum(row["ms_per_image_none"] for row in base["sets"].values())
+        for name, row in base["sets"].items():
+            if "/" not in name:
+                clean[name]["none"].append(row["acc_none"])
+        for tta, res in rec["results"].items():
+            if "sets" not in res:
+                continue
+            ratio[tta].append(sum(row["ms_per_image_tta"] for row in res["sets"].values()) / base_ms)
+            per_run_corr: dict = defaultdict(list)
+            per_run_sev: dict = defaultdict(list)
+            for name, row in res["sets"].items():
+                acc = row["acc_tta"]
+                if "/" not in name:
+                    if tta != "none":
+                        clean[name][tta].append(acc)
+                    continue
+                kind, level = name.split("/", 1)[1].rsplit("-", 1)
+                per_run_corr[kind].append(acc)
+                per_run_sev[level].append(acc)
+            for kind, accs in per_run_corr.items():
+                corr[kind][tta].append(statistics.fmean(accs))
+            for level, accs in per_run_sev.items():
+                sev[level][tta].append(statistics.fmean(accs))
+    head = "| | " + " | ".join(ttas) + " |\n|---|" + "---|" * len(ttas) + "\n"
+    out = [f"{len(records)} runs; accuracy % (held-out domain 'in' split), mean ± standard error over runs.\n"]
+    out.append("Clean held-out domains\n\n" + head)
+    out += [f"| {d} | " + " | ".join(_mean_se(clean[d][t]) for t in ttas) + " |\n" for d in sorted(clean)]
+    if corr:
+        out.append("\nCorruptions (mean over severities 1-5)\n\n" + head)
+        out += [f"| {c} | " + " | ".join(_mean_se(corr[c][t]) for t in ttas) + " |\n" for c in sorted(corr)]
+        out.append("\nSeverity (mean over corruptions)\n\n" + head)
+        out += [f"| {s} | " + " | ".join(_mean_se(sev[s][t]) for t in ttas) + " |\n" for s in sorted(sev)]
+    out.append("\nTime per image relative to no TTA (median over runs)\n\n" + head)
+    out.append("| ratio | " + " | ".join(f"{statistics.median(ratio[t]):.2f}" if ratio[t] else "n/a" for t in ttas))
+    return "".join(out) + " |\n"
+
+
+def main() -> None:
+    """Evaluate the runs matching the pattern, or print/write the tables (``--tables``)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="?", help="glob of run folders (each with checkpoints/best.ckpt)")
+    p.add_argument("--out", type=Path, default=Path("outputs/tta/digits_erm"))
+    p.add_argument("--ttas", default="none,bn_adapt,tent,t3a,adanpc")
+    p.add_argument("--corrupt-images", type=int, default=128, help="images per corrupted set (0: no corruptions)")
+    p.add_argument("--severities", default="1,2,3,4,5")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tables", type=Path, help="a results folder: write its tables.md and print them")
+    args = p.parse_args()
+    if args.tables:
+        text = tables(args.tables)
+        atomic_write_text(args.tables / "tables.md", text)
+        print(text)
+        return
+    register_resolvers()
+    torch.set_num_threads(args.threads)
+    severities = [int(s) for s in args.severities.split(",")] if args.corrupt_images else []
+    corrupt = {"names": None, "severities": severities, "max_images": args.corrupt_images, "seed": args.seed}
+    for run in sorted(Path(r) for r in glob.glob(args.runs)):
+        target = args.out / f"{run.name}.json"
+        if target.exists() or not (run / "checkpoints" / "best.ckpt").exists():
+            continue
+        atomic_write_json(target, evaluate_run(run, args.ttas.split(","), corrupt, args.seed))
+
+
+if __name__ == "__main__":
+    main()
