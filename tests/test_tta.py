@@ -235,3 +235,13 @@ def test_evaluate_script_writes_its_result(trained_checkpoint, tmp_path):
     result = json.loads(out.read_text())
     assert result["tta"] == "adanpc" and set(result["sets"]) == {"c"} and result["tta_config"]["k"] == 5
     assert "tta=adanpc" in proc.stdout
+
+
+def test_train_with_tta_evaluates_the_selected_checkpoint(tiny_cfg, tmp_path):
+    final = train(tiny_cfg("method=drm", "backbone=small_cnn_lite", "tta=drm", "tta.steps=1", "tta.beta=0.0"))
+    entry = final["tta"]["drm"]
+    assert set(entry["sets"]) == {"c"} and entry["batch_size"] == 64
+    saved = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert saved["tta"]["drm"]["sets"] == entry["sets"]
+    result = json.loads(open(entry["file"]).read())
+    assert result["needs_grad"] and result["tta_config"]["steps"] == 1

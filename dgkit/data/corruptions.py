@@ -10,7 +10,8 @@ elsewhere (contrast is hand-written, see :func:`_contrast`). ``frost`` has no al
 
 A corrupted set is rendered once, offline, image by image in dataset order with ``Compose(seed=...)`` keyed
 on ``(seed, domain, corruption, severity)``, so it is identical from run to run, and cached under
-``<root>/<dataset>_c/<domain>-<source checksum>/`` by :func:`dgkit.data.embedded.cache.load_or_generate` (manifest + checksums).
+``<root>/<dataset>_c/<domain>-<source checksum>/`` by :func:`dgkit.data.embedded.cache.load_or_generate`
+(manifest + checksums).
 """
 
 from __future__ import annotations

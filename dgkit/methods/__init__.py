@@ -2,10 +2,11 @@
 
 from dgkit.methods.base import Method
 from dgkit.methods.dann import DANN
+from dgkit.methods.drm import DRM
 from dgkit.methods.erm import ERM
 from dgkit.methods.linear_probe import LinearProbe
 from dgkit.methods.sharpness import Sharpness
 from dgkit.methods.simclr import SimCLR
 from dgkit.methods.udim import UDIM
 
-__all__ = ["DANN", "ERM", "LinearProbe", "Method", "Sharpness", "SimCLR", "UDIM"]
+__all__ = ["DANN", "DRM", "ERM", "LinearProbe", "Method", "Sharpness", "SimCLR", "UDIM"]
