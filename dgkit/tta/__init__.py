@@ -4,6 +4,7 @@ from dgkit.tta.adanpc import AdaNPC, knn_scores
 from dgkit.tta.base import RESET_POLICIES, NoAdaptation, TestTimeAdapter, entropy
 from dgkit.tta.drm import DRMEnsemble
 from dgkit.tta.evaluate import build_test_sets, evaluate_tta
+from dgkit.tta.itta import ITTAAdapter
 from dgkit.tta.norm import BNAdapt, Tent
 from dgkit.tta.t3a import T3A
 
@@ -13,6 +14,7 @@ __all__ = [
     "AdaNPC",
     "BNAdapt",
     "DRMEnsemble",
+    "ITTAAdapter",
     "NoAdaptation",
     "Tent",
     "TestTimeAdapter",
