@@ -228,7 +228,7 @@ def test_empty_held_out_split_is_an_error(trained_checkpoint):
 
 def test_evaluate_script_writes_its_result(trained_checkpoint, tmp_path):
     out = tmp_path / "adanpc.json"
-    args = [f"ckpt='{trained_checkpoint}'", "tta=adanpc", "tta.k=5", f"out='{out}'"]
+    args = [f"ckpt='{trained_checkpoint}'", "tta=adanpc", "tta.k=5", f"out='{out}'", "threads=1"]
     cmd = [sys.executable, "scripts/evaluate.py", *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
