@@ -2,8 +2,9 @@
 
 The model is a backbone from ``conf/backbone`` (default: the digits' ``small_cnn_lite`` at 32 px) with a linear
 head; AdaNPC holds a memory of ``--bank`` source rows (random unit vectors: the cost does not depend on their
-values). Two AdaNPC settings are timed against the plain forward, interleaved (none, fixed, growing, none, ...)
-on the same batches, each a median over ``--repeats`` rounds of ``--batches`` batches:
+values). Two AdaNPC settings are timed against the plain forward, interleaved batch by batch (none, fixed,
+growing, none, ...) on the same batches; each figure is the median over ``--repeats`` rounds of ``--batches``
+batches (a fresh memory per round):
 
 - ``fixed``: the memory stays at ``--bank`` rows (``beta=1.1``: no test row is accepted);
 - ``growing``: every test sample is also accepted (``beta=0``), up to ``max_test_entries=--bank`` extra rows
@@ -70,13 +71,12 @@ def _cpu() -> str:
     return platform.machine()
 
 
-def _time(predict, batches: list[torch.Tensor]) -> float:
-    """Seconds per batch (mean over ``batches``)."""
+def _time(predict, x: torch.Tensor) -> float:
+    """Seconds for one batch."""
     start = time.perf_counter()
     with torch.inference_mode():
-        for x in batches:
-            predict(x)
-    return (time.perf_counter() - start) / len(batches)
+        predict(x)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -99,12 +99,16 @@ def main() -> None:
     def plain(x: torch.Tensor) -> torch.Tensor:
         return head(backbone(x))
 
-    _time(plain, batches[:3])  # warm-up
+    for x in batches[:3]:
+        _time(plain, x)  # warm-up
     runs: dict[str, list[float]] = {"none": [], "adanpc fixed": [], "adanpc growing": []}
     for _ in range(args.repeats):
-        runs["none"].append(_time(plain, batches))
-        runs["adanpc fixed"].append(_time(_adanpc(backbone, head, args.bank, args.classes, False).predict, batches))
-        runs["adanpc growing"].append(_time(_adanpc(backbone, head, args.bank, args.classes, True).predict, batches))
+        fixed = _adanpc(backbone, head, args.bank, args.classes, False)
+        growing = _adanpc(backbone, head, args.bank, args.classes, True)
+        for x in batches:  # interleaved batch by batch, so a change in machine load hits all three alike
+            runs["none"].append(_time(plain, x))
+            runs["adanpc fixed"].append(_time(fixed.predict, x))
+            runs["adanpc growing"].append(_time(growing.predict, x))
     med = {k: statistics.median(v) for k, v in runs.items()}
     print(f"machine: {_cpu()}, {args.threads} thread(s), torch {torch.__version__}")
     print(f"backbone {args.backbone} {args.size}px, batch {args.batch_size}, memory {args.bank} source rows, k=100")

@@ -109,6 +109,8 @@ class AdaNPC(TestTimeAdapter):
     @property
     def memory(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All rows: source first, then test rows in arrival order."""
+        if len(self.test_labels) == 0:  # no copy of the source rows while no test row was accepted
+            return self.source_memory, self.source_labels
         return torch.cat([self.source_memory, self.test_memory]), torch.cat([self.source_labels, self.test_labels])
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
