@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+from torch import nn
 
 from dgkit.backbones import SmallCNN, TimmBackbone
 from dgkit.backbones.stages import backbone_stages
@@ -19,7 +20,11 @@ def _cnn() -> SmallCNN:
     return SmallCNN(widths=[8, 8, 8, 8], strides=[1, 2, 2, 1], img_size=16).eval()
 
 
-@pytest.mark.parametrize("make", [_cnn, lambda: TimmBackbone("resnet18", input_size=32).eval()])
+def _vit() -> TimmBackbone:
+    return TimmBackbone("test_vit", input_size=16, model_kwargs={"img_size": 16}).eval()
+
+
+@pytest.mark.parametrize("make", [_cnn, lambda: TimmBackbone("resnet18", input_size=32).eval(), _vit])
 def test_stage_split_reproduces_the_backbone(make):
     backbone = make()
     x = torch.randn(2, 3, *backbone.data_config.input_size)
@@ -27,13 +32,35 @@ def test_stage_split_reproduces_the_backbone(make):
         assert torch.allclose(backbone_stages(backbone).forward(x), backbone(x), atol=1e-5)
 
 
+class _Flat(nn.Module):
+    """A backbone without stages (a linear map)."""
+
+    num_features = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
 def test_unsupported_backbone_fails_early_naming_what_is_supported():
-    vit = TimmBackbone("test_vit", input_size=16, model_kwargs={"img_size": 16})
     with pytest.raises(ValueError, match="small_cnn .* timm ResNets"):
-        ITTA(vit, 3, ["a", "b", "c"], ["c"])
-    erm = ERM(vit, 3, ["a", "b", "c"], ["c"])
+        ITTA(_Flat(), 3, ["a", "b", "c"], ["c"])
+    erm = ERM(_Flat(), 3, ["a", "b", "c"], ["c"])
     with pytest.raises(ValueError, match="tta=itta needs .* timm ResNets"):
         ITTAAdapter().bind_method(erm)
+
+
+def test_itta_on_vit_tokens_starts_at_the_identity():
+    erm = ERM(_vit(), 3, ["a", "b", "c"], ["c"]).eval()
+    tta = ITTAAdapter().bind_method(erm)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(tta.stages.forward(x, tta._mapped), erm.backbone(x), atol=1e-5)
+    with torch.enable_grad():
+        assert tta.predict(x).shape == (4, 3)
 
 
 def test_learned_loss_at_init_is_the_mse_on_nonnegative_inputs():

@@ -10,7 +10,7 @@ Per step (``../shared/methods/dg_objectives_and_tta.md`` §4.4), with ``z`` the 
    parameters θ (double back-propagation; the classification gradient is a constant), so the learned loss
    yields gradients that point like the classification ones.
 
-Supports the stage-split backbones of :mod:`dgkit.backbones.stages` (small CNNs, timm ResNets). MixStyle and
+Supports the stage-split backbones of :mod:`dgkit.backbones.stages` (small CNNs, timm ResNets and ViTs). MixStyle and
 ``f_w`` are hand-written (a few lines each; the official code is DomainBed scripts, not a library).
 """
 
@@ -30,14 +30,15 @@ Batch = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def mixstyle(h: torch.Tensor, rng: np.random.Generator | None = None, alpha: float = 0.1) -> torch.Tensor:
-    """MixStyle (Zhou et al., ICLR 2021): mix each sample's channel mean/std ``(B, C, 1, 1)`` with those of a
-    shuffled sample, weight ``λ ~ Beta(alpha, alpha)`` per sample; the statistics are detached, as in MixStyle.
-    ``rng`` (NumPy) makes the draws reproducible; by default they come from NumPy's global generator."""
+    """MixStyle (Zhou et al., ICLR 2021): mix each sample's channel mean/std (over space, or over the tokens of a
+    ViT) with those of a shuffled sample, weight ``λ ~ Beta(alpha, alpha)`` per sample; the statistics are
+    detached, as in MixStyle. ``rng`` (NumPy) makes the draws reproducible (default: from NumPy's global one)."""
     rng = rng if rng is not None else np.random.default_rng(int(np.random.randint(2**31)))
     b = h.shape[0]
-    mu = h.mean(dim=(2, 3), keepdim=True).detach()
-    sig = (h.var(dim=(2, 3), keepdim=True) + 1e-6).sqrt().detach()
-    lam = torch.as_tensor(rng.beta(alpha, alpha, size=(b, 1, 1, 1)), dtype=h.dtype, device=h.device)
+    dims = (2, 3) if h.dim() == 4 else (1,)  # feature maps (B, C, H, W) or ViT tokens (B, N, C)
+    mu = h.mean(dim=dims, keepdim=True).detach()
+    sig = (h.var(dim=dims, keepdim=True) + 1e-6).sqrt().detach()
+    lam = torch.as_tensor(rng.beta(alpha, alpha, size=(b,) + (1,) * (h.dim() - 1)), dtype=h.dtype, device=h.device)
     perm = torch.as_tensor(rng.permutation(b), device=h.device)
     mu_mix = lam * mu + (1 - lam) * mu[perm]
     sig_mix = lam * sig + (1 - lam) * sig[perm]
@@ -93,6 +94,9 @@ class ITTA(Method):
     ) -> None:
         super().__init__(backbone, num_classes, domains, test_domains, optimizer, scheduler)
         self.stages = backbone_stages(backbone, "method=itta")  # fails early on an unsupported backbone
+        for module in backbone.modules():  # timm attention: the fused SDPA kernel has no double backward on CPU
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = False
         self.consistency = LearnedConsistency(backbone.num_features, loss_depth)
         self.lr_w, self.penalty = float(lr_w), float(penalty)
         self.automatic_optimization = False
