@@ -52,7 +52,7 @@ def _time(fn) -> float:
 def main() -> None:
     """Measure and print the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--adapters", nargs="+", default=["none", "lora", "dora", "soma", "pego"])
+    parser.add_argument("--adapters", nargs="+", default=["none", "lora", "dora", "soma", "pego", "salt"])
     parser.add_argument("--backbone", default="vit_digits")
     parser.add_argument("--batch", type=int, default=96, help="training batch (3 source domains x 32)")
     parser.add_argument("--eval-batch", type=int, default=128)

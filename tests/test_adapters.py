@@ -14,6 +14,7 @@ from torch import nn
 
 from dgkit.adapters import (
     PEGO,
+    SALT,
     AdapterLinear,
     AnnealedWeightDecay,
     DoRA,
@@ -45,6 +46,7 @@ ADAPTERS = {
     "soma": lambda: SoMA(rank=2, alpha=2),
     "soma_principal": lambda: SoMA(rank=2, components="principal", start_block=0),
     "pego": lambda: PEGO(rank=2, num=3),
+    "salt": lambda: SALT(rank=2, top_ratio=0.2),
 }
 
 
@@ -105,7 +107,8 @@ def test_only_adapter_parameters_change(adapter_name):
     before = {n: p.detach().clone() for n, p in adapted.named_parameters()}
     trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
     # what may train: adapter factors, and for SoMA the adapted layers' biases (train_bias)
-    allowed = re.compile(r"lora_|\.base\.bias$" if adapter_name.startswith("soma") else r"lora_")
+    allowed = {"soma": r"lora_|\.base\.bias$", "salt": r"lora_|sv_(scale|shift)$"}.get(adapter_name[:4], r"lora_")
+    allowed = re.compile(allowed)
     assert trainable and all(allowed.search(n) for n in trainable)
     opt = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=0.1)
     for _ in range(2):  # two steps: with B = 0, A only gets a gradient once B has moved
@@ -256,3 +259,50 @@ def test_annealed_weight_decay_and_its_resume():
     trainer.optimizers, trainer.global_step = [restored], 5
     callback.on_train_batch_start(trainer, None)
     assert restored.param_groups[0]["weight_decay"] == pytest.approx(expected[1])
+
+
+def test_salt_scales_top_singular_values_and_adapts_only_the_residual_basis():
+    torch.manual_seed(3)
+    layer = nn.Linear(10, 8)
+    w = layer.weight.detach().double().numpy()
+    u, s, vt = np.linalg.svd(w, full_matrices=False)  # independent float64 SVD
+    model = nn.Sequential()
+    model.add_module("proj", layer)
+    SALT(rank=2, top_ratio=0.25, target="proj").apply(model)  # n = 8: r_top = 2, 6 residual directions
+    salt = model.proj
+    x = torch.randn(5, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(salt(x), layer(x), atol=1e-6, rtol=0)  # output-preserving at init
+        # the top values: σ' = ReLU(a σ + b), the second one driven below zero (clipped)
+        salt.sv_scale.copy_(torch.tensor([1.5, 0.5]))
+        salt.sv_shift.copy_(torch.tensor([0.1, -float(s[1])]))
+        sigma = s.copy()
+        sigma[:2] = np.maximum(np.array([1.5, 0.5]) * s[:2] + np.array([0.1, -s[1]]), 0)
+        expected = (u * sigma) @ vt
+        np.testing.assert_allclose(salt.merged().weight.double().numpy(), expected, atol=1e-5)
+        reference = x.double().numpy() @ expected.T + layer.bias.double().numpy()
+        np.testing.assert_allclose(salt(x).double().numpy(), reference, atol=1e-5)
+        # the residual LoRA: a rank-2 update orthogonal to the top singular directions on both sides
+        salt.sv_scale.fill_(1.0)
+        salt.sv_shift.zero_()
+        salt.lora_A.copy_(torch.randn(2, 6))
+        delta = salt.merged().weight.double().numpy() - w
+    assert np.linalg.matrix_rank(delta, tol=1e-5) == 2
+    np.testing.assert_allclose(u[:, :2].T @ delta, 0, atol=1e-5)
+    np.testing.assert_allclose(delta @ vt[:2].T, 0, atol=1e-5)
+    assert "u_top" in salt.state_dict()  # the basis is saved, not recomputed at reload
+
+
+def test_salt_penalty_and_bad_input():
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(6, 6))
+    SALT(rank=2, top_ratio=0.5, reg_weight=0.5, target="proj").apply(model)
+    with torch.no_grad():
+        model.proj.sv_shift.copy_(torch.tensor([0.3, 0.4, 0.0]))
+        model.proj.lora_A.fill_(0.1)
+    xy = (model.proj.lora_B @ model.proj.lora_A).detach()
+    assert regularizers(model).item() == pytest.approx(0.5 * (0.5 + xy.norm().item()), rel=1e-5)
+    with pytest.raises(ValueError, match="residual singular directions"):
+        SALT(rank=4, top_ratio=0.5, target="0").apply(nn.Sequential(nn.Linear(6, 6)))
+    with pytest.raises(ValueError, match="top_ratio"):
+        SALT(top_ratio=1.0)
