@@ -90,6 +90,16 @@ def build_bss(cfg: DictConfig) -> BatchStylesStandardization | None:
     return bss if bss.p > 0 else None
 
 
+def default_tag(cfg: DictConfig, method: pl.LightningModule) -> str:
+    """The result-table row label when ``tag`` is unset: the method's class name, plus the adapter's class name
+    unless the backbone is fully fine-tuned (``ERM``, ``ERM+LoRA``, ``DANN+SoMA``)."""
+    target = (cfg.get("adapter") or {}).get("_target_", "")
+    adapter = target.rsplit(".", 1)[-1]
+    if not adapter or adapter == "FullFineTuning":
+        return type(method).__name__
+    return f"{type(method).__name__}+{adapter}"
+
+
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule]:
     """Instantiate the backbone, apply the adapter, then the DataModule (using the backbone's data config) and the
     method.
@@ -219,7 +229,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, method = build(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    tag = cfg.get("tag") or type(method).__name__
+    tag = cfg.get("tag") or default_tag(cfg, method)
     run_info = {
         "dataset": datamodule.name,
         "domains": datamodule.domains,

@@ -12,7 +12,7 @@ from dgkit.adapters import SplitQKV, merge
 from dgkit.backbones import TimmBackbone
 from dgkit.methods.base import Method
 from dgkit.methods.erm import ERM
-from dgkit.run import build, hparams_id, train
+from dgkit.run import build, default_tag, hparams_id, train
 from dgkit.utils.io import read_jsonl
 from tests.conftest import CONF
 
@@ -104,3 +104,11 @@ def test_full_fine_tuning_keeps_hparams_id(tiny_cfg):
         del cfg["adapter"]
     assert hparams_id(cfg) == base  # runs from before the adapter group keep their id
     assert hparams_id(tiny_cfg("adapter=lora")) != base
+
+
+def test_default_tag_names_the_adapter(tiny_cfg):
+    """Adapters sharing one objective must not land in one result-table row (which would select among them)."""
+    method = ERM.__new__(ERM)
+    assert default_tag(tiny_cfg(), method) == "ERM"
+    assert default_tag(tiny_cfg("adapter=soma"), method) == "ERM+SoMA"
+    assert default_tag(tiny_cfg("adapter=freeze"), method) == "ERM+Freeze"
