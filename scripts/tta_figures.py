@@ -4,6 +4,7 @@ time per image relative to no TTA, for several TTAs at once (each checkpoint is 
     python scripts/tta_figures.py 'outputs/multirun/digits_erm/*' --out outputs/tta/digits_erm \\
         --ttas none,bn_adapt,tent,t3a,adanpc --corrupt-images 128 --threads 1
     python scripts/tta_figures.py --tables outputs/tta/digits_erm          # markdown tables from the results
+    python scripts/tta_figures.py --tables outputs/tta/digits_erm outputs/tta/digits_erm_itta   # merged columns
 
 Every TTA runs with its ``conf/tta/<name>.yaml`` defaults (no choice is made on the test domains). A TTA that
 does not fit the model (``bn_adapt`` on a GroupNorm CNN) is recorded with its error and shown as ``n/a``.
@@ -57,39 +58,64 @@ def _mean_se(values: list[float]) -> str:
     return f"{m:.1f} ± {se:.1f}"
 
 
-def tables(folder: Path) -> str:
-    """Markdown tables (mean ± standard error over runs) from every ``<folder>/*.json``."""
-    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
-    ttas = records[0]["ttas"]
+def _load_records(folders: list[Path]) -> dict[str, list[dict]]:
+    """Run file name -> its result records, one per folder that has it, in the order of ``folders``."""
+    records: dict[str, list[dict]] = defaultdict(list)
+    for folder in folders:
+        for path in sorted(folder.glob("*.json")):
+            records[path.stem].append(json.loads(path.read_text()))
+    if not records:
+        raise SystemExit(f"no result files (*.json) in {', '.join(map(str, folders))}")
+    return records
+
+
+def _add_tta(tta: str, res: dict, base_ms: float, clean: dict, corr: dict, sev: dict, ratio: dict) -> None:
+    """Add one run's result of one TTA to the per-domain, per-corruption, per-severity and time tallies."""
+    ratio[tta].append(sum(row["ms_per_image_tta"] for row in res["sets"].values()) / base_ms)
+    per_run_corr: dict = defaultdict(list)
+    per_run_sev: dict = defaultdict(list)
+    for name, row in res["sets"].items():
+        acc = row["acc_tta"]
+        if "/" not in name:
+            if tta != "none":
+                clean[name][tta].append(acc)
+            continue
+        kind, level = name.split("/", 1)[1].rsplit("-", 1)
+        per_run_corr[kind].append(acc)
+        per_run_sev[level].append(acc)
+    for kind, accs in per_run_corr.items():
+        corr[kind][tta].append(statistics.fmean(accs))
+    for level, accs in per_run_sev.items():
+        sev[level][tta].append(statistics.fmean(accs))
+
+
+def tables(*folders: Path) -> str:
+    """Markdown tables (mean ± standard error over runs) from every ``<folder>/*.json``.
+
+    Folders holding other TTAs of the same runs (the same file names) are merged into one table. Each TTA's
+    time ratio is taken against the unadapted timing measured in its own record; a TTA found in several
+    records of a run (``none`` always is) counts once, from the first folder.
+    """
+    records = _load_records(list(folders))
+    ttas = list(dict.fromkeys(t for recs in records.values() for rec in recs for t in rec["ttas"]))
     clean: dict = defaultdict(lambda: defaultdict(list))  # domain -> tta -> [acc per run]
     corr: dict = defaultdict(lambda: defaultdict(list))  # corruption -> tta -> [acc]
     sev: dict = defaultdict(lambda: defaultdict(list))  # severity -> tta -> [acc]
     ratio: dict = defaultdict(list)
-    for rec in records:
-        base = rec["results"][rec["ttas"][0]]  # the first TTA also measured the unadapted model
-        base_ms = sum(row["ms_per_image_none"] for row in base["sets"].values())
-        for name, row in base["sets"].items():
-            if "/" not in name:
-                clean[name]["none"].append(row["acc_none"])
-        for tta, res in rec["results"].items():
-            if "sets" not in res:
-                continue
-            ratio[tta].append(sum(row["ms_per_image_tta"] for row in res["sets"].values()) / base_ms)
-            per_run_corr: dict = defaultdict(list)
-            per_run_sev: dict = defaultdict(list)
-            for name, row in res["sets"].items():
-                acc = row["acc_tta"]
-                if "/" not in name:
-                    if tta != "none":
-                        clean[name][tta].append(acc)
+    for recs in records.values():
+        done: set[str] = set()
+        for rec in recs:
+            base = rec["results"][rec["ttas"][0]]  # the first TTA also measured the unadapted model
+            base_ms = sum(row["ms_per_image_none"] for row in base["sets"].values())
+            if not done:
+                for name, row in base["sets"].items():
+                    if "/" not in name:
+                        clean[name]["none"].append(row["acc_none"])
+            for tta, res in rec["results"].items():
+                if tta in done or "sets" not in res:
                     continue
-                kind, level = name.split("/", 1)[1].rsplit("-", 1)
-                per_run_corr[kind].append(acc)
-                per_run_sev[level].append(acc)
-            for kind, accs in per_run_corr.items():
-                corr[kind][tta].append(statistics.fmean(accs))
-            for level, accs in per_run_sev.items():
-                sev[level][tta].append(statistics.fmean(accs))
+                done.add(tta)
+                _add_tta(tta, res, base_ms, clean, corr, sev, ratio)
     head = "| | " + " | ".join(ttas) + " |\n|---|" + "---|" * len(ttas) + "\n"
     out = [f"{len(records)} runs; accuracy % (held-out domain 'in' split), mean ± standard error over runs.\n"]
     out.append("Clean held-out domains\n\n" + head)
@@ -114,11 +140,18 @@ def main() -> None:
     p.add_argument("--severities", default="1,2,3,4,5")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--tables", type=Path, help="a results folder: write its tables.md and print them")
+    p.add_argument(
+        "--tables",
+        type=Path,
+        nargs="+",
+        metavar="FOLDER",
+        help="results folders (other TTAs of the same runs merge into one table): print the tables and "
+        "write them to the first folder's tables.md",
+    )
     args = p.parse_args()
     if args.tables:
-        text = tables(args.tables)
-        atomic_write_text(args.tables / "tables.md", text)
+        text = tables(*args.tables)
+        atomic_write_text(args.tables[0] / "tables.md", text)
         print(text)
         return
     register_resolvers()
