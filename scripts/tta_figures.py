@@ -104,10 +104,10 @@ def tables(*folders: Path) -> str:
     ratio: dict = defaultdict(list)
     for recs in records.values():
         done: set[str] = set()
-        for rec in recs:
+        for i, rec in enumerate(recs):
             base = rec["results"][rec["ttas"][0]]  # the first TTA also measured the unadapted model
             base_ms = sum(row["ms_per_image_none"] for row in base["sets"].values())
-            if not done:
+            if i == 0:  # the unadapted accuracy: once per run
                 for name, row in base["sets"].items():
                     if "/" not in name:
                         clean[name]["none"].append(row["acc_none"])
