@@ -120,4 +120,48 @@ def test_linear_probe_only_trains_the_head():
     loss.backward()
     optimizer.step()
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())  # BN running stats too
-    assert method.classifier.weight.grad is not None
+    assert method.classifier[1].weight.grad is not None
+
+
+class _ScaledFeatures(torch.nn.Module):
+    """A fixed 'backbone' returning its input features times a tiny scale (like a random GroupNorm CNN's)."""
+
+    num_features = 4
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+@pytest.mark.parametrize("feature_norm", [True, False])
+def test_probe_feature_norm_standardises_tiny_features(feature_norm):
+    # two classes separated along feature 0; features scaled by 1e-3 (the raw head barely moves in 100 steps)
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(256) % 2
+    x = torch.randn(256, 4, generator=gen, dtype=torch.float64)
+    x[:, 0] += 3.0 * (2 * y - 1)
+    method = LinearProbe(_ScaledFeatures(1e-3), 2, ["a", "b"], ["b"], feature_norm=feature_norm)
+    optimizer = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=1e-2)
+    method.train()
+    for _ in range(100):
+        optimizer.zero_grad()
+        method.training_losses({"a": (x.float(), y)})["loss"].backward()
+        optimizer.step()
+    method.eval()
+    with torch.no_grad():
+        accuracy = (method(x.float()).argmax(1) == y).double().mean().item()
+    if feature_norm:
+        bn = method.classifier[0]
+        assert not any(p.requires_grad for p in bn.parameters())  # parameter-free
+        # running statistics: an exponential average (momentum 0.1, 100 identical batches) from mean 0 / var 1
+        # towards the float64 mean and unbiased variance of the scaled features
+        kept = 0.9**100
+        torch.testing.assert_close(bn.running_mean.double(), (1 - kept) * (x * 1e-3).mean(0), atol=1e-9, rtol=1e-4)
+        torch.testing.assert_close(bn.running_var.double(), kept + (1 - kept) * (x * 1e-3).var(0), atol=1e-9, rtol=1e-4)
+        assert accuracy > 0.95
+    else:
+        assert isinstance(method.classifier, torch.nn.Linear)
+        assert accuracy < 0.9  # the same schedule cannot fit features this small without standardisation
