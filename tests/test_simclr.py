@@ -1,5 +1,7 @@
 """SimCLR with BSS: NT-Xent by hand, two-view data, per-column BSS, the exported backbone, the linear probe."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -165,3 +167,38 @@ def test_probe_feature_norm_standardises_tiny_features(feature_norm):
     else:
         assert isinstance(method.classifier, torch.nn.Linear)
         assert accuracy < 0.9  # the same schedule cannot fit features this small without standardisation
+
+
+class _CommonModeFeatures(torch.nn.Module):
+    """A trainable 'backbone' whose features are a large shared vector plus a small image-dependent part."""
+
+    num_features = 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(1)
+        self.common = torch.nn.Parameter(torch.randn(16, generator=gen))
+        self.mix = torch.nn.Linear(8, 16, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.common + 0.01 * self.mix(x.flatten(1))
+
+
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_projector_batchnorm_prevents_common_mode_collapse(batchnorm):
+    torch.manual_seed(0)
+    method = SimCLR(_CommonModeFeatures(), 2, ["a", "b"], ["b"], color_jitter=None, projector_batchnorm=batchnorm)
+    optimizer = torch.optim.Adam(method.parameters(), lr=1e-3)
+    images = torch.randn(32, 8, 1, 1)
+    collapse = math.log(2 * 32 - 1)  # NT-Xent when every similarity is equal
+    method.train()
+    for _ in range(60):
+        views = images + 0.05 * torch.randn(2, 32, 8, 1, 1)  # two noisy views of each "image"
+        optimizer.zero_grad()
+        loss = method.training_losses({"a": (views, torch.zeros(32, dtype=torch.long))})["loss"]
+        loss.backward()
+        optimizer.step()
+    if batchnorm:
+        assert loss.item() < collapse - 1.0  # the views of one image are found among the 63 others
+    else:
+        assert loss.item() > collapse - 0.1  # stuck at (or near) the collapsed value

@@ -63,6 +63,10 @@ class SimCLR(Method):
         color_jitter: batch-wise colour jitter strengths ``[brightness, contrast, saturation, hue]``
             (``None`` or all zeros: off).
         color_jitter_p: probability of jittering a view column.
+        projector_batchnorm: batch norm after the projector's hidden linear layer (SimCLR's official head). Without
+            it, a backbone whose pooled features share a large common component (a random-init GroupNorm CNN:
+            projected embeddings start at cosine 0.93 to each other) collapses: every similarity becomes equal
+            and NT-Xent sits at ``ln(2N - 1)``.
     """
 
     train_views: ClassVar[int] = 2
@@ -81,6 +85,7 @@ class SimCLR(Method):
         projector_dim: int = 128,
         color_jitter: Sequence[float] | None = (0.4, 0.4, 0.4, 0.1),
         color_jitter_p: float = 0.8,
+        projector_batchnorm: bool = True,
     ) -> None:
         super().__init__(backbone, num_classes, domains, test_domains, optimizer, scheduler)
         if temperature <= 0:
@@ -91,8 +96,9 @@ class SimCLR(Method):
             raise ValueError(f"method.color_jitter={list(color_jitter)} needs [brightness, contrast, saturation, hue]")
         self.temperature = temperature
         hidden = projector_hidden or backbone.num_features
+        norm = [nn.BatchNorm1d(hidden)] if projector_batchnorm else []
         self.projector = nn.Sequential(
-            nn.Linear(backbone.num_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, projector_dim)
+            nn.Linear(backbone.num_features, hidden), *norm, nn.ReLU(inplace=True), nn.Linear(hidden, projector_dim)
         )
         jitter_on = color_jitter is not None and any(s > 0 for s in color_jitter)
         self.color_jitter = BatchColorJitter(*color_jitter, p=color_jitter_p) if jitter_on else None
