@@ -201,8 +201,8 @@ def test_mean_and_standard_error_over_seeds(seeds_sweep):
     heading = f"toy — {IID.name}"
     assert table_row(markdown, heading, "Algorithm") == ["A", "B", "C", "Avg"]
     assert table_row(markdown, heading, "ERM") == ["20.0 ± 4.7", "60.0 ± 7.1", "X", "X"]  # a missing domain: Avg X
-    # DANN: one seed each, SE 0; Avg = (40 + 60 + 80) / 3 = 60.0
-    assert table_row(markdown, heading, "DANN") == ["40.0 ± 0.0", "60.0 ± 0.0", "80.0 ± 0.0", "60.0"]
+    # DANN: one seed each, so no standard error (not "± 0.0"); Avg = (40 + 60 + 80) / 3 = 60.0
+    assert table_row(markdown, heading, "DANN") == ["40.0 (1 seed)", "60.0 (1 seed)", "80.0 (1 seed)", "60.0"]
     # no run with two test domains: the leave-one-domain-out table is replaced by a note
     assert f"### toy — {LODO.name}\n\n_Table omitted" in markdown
     assert table_row(markdown, f"toy — {ORACLE.name}", "ERM")[0] == "20.0 ± 4.7"
@@ -246,7 +246,7 @@ def test_script_skips_unfinished_runs(tmp_path, capsys):
     assert run_main([str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert "skipped 1 unfinished run" in captured.err
-    assert table_row(captured.out, f"toy — {IID.name}", "ERM")[0] == "20.0 ± 0.0"  # seed 0 only
+    assert table_row(captured.out, f"toy — {IID.name}", "ERM")[0] == "20.0 (1 seed)"  # seed 0 only
     assert (tmp_path / "results.md").exists()  # --out defaults to DIR
 
     assert run_main([str(tmp_path), "--include-incomplete"]) == 0
@@ -324,8 +324,8 @@ def test_several_sweep_folders_give_one_table(tmp_path, capsys):
     out = tmp_path / "both"
     assert run_main([str(erm), str(dann), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert table_row(printed, f"toy — {IID.name}", "ERM")[0] == "20.0 ± 0.0"
-    assert table_row(printed, f"toy — {IID.name}", "DANN")[0] == "50.0 ± 0.0"
+    assert table_row(printed, f"toy — {IID.name}", "ERM")[0] == "20.0 (1 seed)"
+    assert table_row(printed, f"toy — {IID.name}", "DANN")[0] == "50.0 (1 seed)"
     assert (out / "results.md").exists()
     assert run_main([str(erm), str(tmp_path / "absent"), "--out", str(out)]) == 1
     assert "absent" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 One table per (dataset, selection rule): a row per tag, a column per domain of the dataset (in the dataset's
 order) and ``Avg``. A cell is ``100·mean ± 100·SE`` of the selected test accuracy over seeds, with
-SE = population std (ddof=0) / √n_seeds; a cell with no seed is ``X``; ``Avg`` is the mean of the domain
+SE = population std (ddof=0) / √n_seeds; a cell with one seed is ``100·mean (1 seed)`` (DomainBed prints a
+misleading ``± 0.0`` there); a cell with no seed is ``X``; ``Avg`` is the mean of the domain
 means, without an error bar, and ``X`` when a domain is missing. Like DomainBed, a cell averages the seeds
 that have a result (the CSV gives ``n_seeds``).
 
@@ -30,7 +31,7 @@ MISSING = "X"
 CSV_COLUMNS = ("dataset", "rule", "tag", "test_domain", "mean", "se", "n_seeds")
 LEGEND = (
     "Cells: 100 × mean ± SE of the selected test-domain accuracy (`in` split) over seeds, "
-    "SE = population std / √n_seeds; X = no result; Avg = mean of the domain means."
+    "SE = population std / √n_seeds; (1 seed) = no SE; X = no result; Avg = mean of the domain means."
 )
 
 
@@ -57,8 +58,12 @@ def mean_se(accs: Sequence[float]) -> tuple[float, float]:
 
 
 def format_cell(cell: Cell | None) -> str:
-    """``"85.3 ± 0.4"``, or ``"X"`` for a missing cell."""
-    return MISSING if cell is None else f"{cell.mean:.1f} ± {cell.se:.1f}"
+    """``"85.3 ± 0.4"``; ``"85.3 (1 seed)"`` when one seed gives no standard error; ``"X"`` when missing."""
+    if cell is None:
+        return MISSING
+    if cell.n_seeds == 1:
+        return f"{cell.mean:.1f} (1 seed)"
+    return f"{cell.mean:.1f} ± {cell.se:.1f}"
 
 
 def row_average(row: dict[str, Cell | None]) -> float | None:
