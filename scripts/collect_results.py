@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dgkit.eval import RecordsError, load_runs, split_finished, summarise, to_markdown, write_report
+from dgkit.eval import RecordsError, dataset_metrics, load_runs, split_finished, summarise, to_markdown, write_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         if not runs:
             raise RecordsError(f"no finished runs under {', '.join(map(str, args.dirs))}")
         summary = summarise(runs)
-        print(to_markdown(summary))
-        written = write_report(summary, args.out or args.dirs[0])
+        metrics = dataset_metrics(runs)
+        print(to_markdown(summary, metrics=metrics))
+        written = write_report(summary, args.out or args.dirs[0], metrics=metrics)
     except (FileNotFoundError, RecordsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -122,16 +122,16 @@ def test_training_domain_validation_picks_an_early_step(two_candidates):
     # val = mean of B_out, C_out: h0@100 (0.80+0.70)/2 = 0.75, h0@200 0.65, h1@100 0.60, h1@200 (0.72+0.74)/2 = 0.73
     choice = IID.select(two_candidates, "A")
     assert (choice.hparams, choice.step) == ("h0", 100)  # not the last step
-    assert choice.val_acc == pytest.approx((0.80 + 0.70) / 2)
-    assert choice.test_acc == pytest.approx(0.60)  # acc/A/in at h0, step 100
+    assert choice.val_score == pytest.approx((0.80 + 0.70) / 2)
+    assert choice.test_score == pytest.approx(0.60)  # acc/A/in at h0, step 100
 
 
 def test_oracle_reads_only_the_last_step_and_picks_another_candidate(two_candidates):
     # last steps: h0@200 A_out 0.62, h1@200 A_out 0.90 -> h1 (h1@100's 0.95 is not the last step, so not seen)
     choice = ORACLE.select(two_candidates, "A")
     assert (choice.hparams, choice.step) == ("h1", 200)
-    assert choice.val_acc == pytest.approx(0.90)
-    assert choice.test_acc == pytest.approx(0.70)
+    assert choice.val_score == pytest.approx(0.90)
+    assert choice.test_score == pytest.approx(0.70)
 
 
 def test_rules_without_runs_for_the_domain_give_none(two_candidates):
@@ -157,14 +157,14 @@ def test_leave_one_domain_out_on_three_domains(tmp_path):
 
     choice = LODO.select(runs, "A")
     assert (choice.hparams, choice.step) == ("h1", 200)
-    assert choice.val_acc == pytest.approx((0.85 + 0.75) / 2)
-    assert choice.test_acc == pytest.approx(0.68)  # acc/A/in of h1's single-test-domain run at step 200
+    assert choice.val_score == pytest.approx((0.85 + 0.75) / 2)
+    assert choice.test_score == pytest.approx(0.68)  # acc/A/in of h1's single-test-domain run at step 200
     assert LODO.select(runs, "B") is None  # no single-test-domain run for B, no {B,C} pair
 
     # the pair runs are invisible to the other two rules: training-domain validation sees only the single
     # runs, whose source out accuracies are all FILL, so the first candidate wins (h0, step 100)
     iid = IID.select(runs, "A")
-    assert (iid.hparams, iid.step, iid.test_acc) == ("h0", 100, pytest.approx(0.50))
+    assert (iid.hparams, iid.step, iid.test_score) == ("h0", 100, pytest.approx(0.50))
 
     summary = summarise(runs)
     assert summary["toy"][LODO.name]["ERM"]["A"].mean == pytest.approx(68.0)
@@ -278,7 +278,7 @@ def test_malformed_files_are_named(tmp_path):
         load_runs(tmp_path)
 
     (path / "results.jsonl").write_text(json.dumps(rec(100, A_in=93.0)) + "\n")
-    with pytest.raises(RecordsError, match=r"must be an accuracy in \[0, 1\]"):
+    with pytest.raises(RecordsError, match=r"must be a score in \[0, 1\]"):
         load_runs(tmp_path)
 
     meta = json.loads((path / "run.json").read_text())

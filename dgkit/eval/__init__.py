@@ -4,7 +4,16 @@
 and aggregates over seeds, and ``to_markdown`` / ``to_csv`` / ``write_report`` render the tables.
 """
 
-from dgkit.eval.records import RecordsError, Run, check_consistency, find_run_dirs, load_run, load_runs, split_finished
+from dgkit.eval.records import (
+    RecordsError,
+    Run,
+    check_consistency,
+    dataset_metrics,
+    find_run_dirs,
+    load_run,
+    load_runs,
+    split_finished,
+)
 from dgkit.eval.selection import (
     RULES,
     Choice,
@@ -39,6 +48,7 @@ __all__ = [
     "TestDomainOracle",
     "TrainingDomainValidation",
     "check_consistency",
+    "dataset_metrics",
     "find_run_dirs",
     "format_cell",
     "group_runs",

@@ -2,9 +2,12 @@
 
 A run directory (at any depth below the sweep root) holds
 
-- ``run.json``: ``{"dataset", "domains" (ordered), "test_domains" (one or two), "seed", "tag", "hparams"}``;
-- ``results.jsonl``: one record per evaluation, ``{"step", "epoch", "acc/<domain>/<in|out>", ...}`` with the
-  accuracy (in [0, 1]) of the ``in`` (80 %) and ``out`` (20 %) split of every domain;
+- ``run.json``: ``{"dataset", "domains" (ordered), "test_domains" (one or two), "seed", "tag", "hparams"}``, and
+  since the task abstraction ``"metric"`` (the task's selection metric key, e.g. ``acc`` or ``miou``),
+  ``"metric_name"`` (its name in table headings) and ``"choices"`` (the algorithm-defining config choices, see
+  :func:`dgkit.labels.algorithm_choices`). Older run folders lack them: their metric is ``acc`` (accuracy);
+- ``results.jsonl``: one record per evaluation, ``{"step", "epoch", "<metric>/<domain>/<in|out>", ...}`` with the
+  score (in [0, 1]) of the ``in`` (80 %) and ``out`` (20 %) split of every domain;
 - ``done``: an empty marker written last, when the run finished.
 
 Runs with equal ``dataset``, ``tag`` and ``hparams`` differ only in seed and test domains; different
@@ -24,6 +27,8 @@ from typing import Any
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.jsonl"
 DONE_FILE = "done"
+LEGACY_METRIC = ("acc", "accuracy")
+"""The metric of run folders written before runs recorded theirs (classification accuracy)."""
 
 
 class RecordsError(ValueError):
@@ -43,11 +48,18 @@ class Run:
     records: list[dict[str, Any]] = field(default_factory=list, repr=False)
     path: Path = Path(".")
     done: bool = False
+    metric: str = LEGACY_METRIC[0]
+    metric_name: str = LEGACY_METRIC[1]
+    choices: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def sources(self) -> tuple[str, ...]:
         """The training domains: every domain that is not a test domain."""
         return tuple(d for d in self.domains if d not in self.test_domains)
+
+    def score(self, record: dict[str, Any], domain: str, split: str) -> float:
+        """The run's metric on one split of one domain in one of its evaluation records."""
+        return record[f"{self.metric}/{domain}/{split}"]
 
 
 def find_run_dirs(root: str | os.PathLike) -> list[Path]:
@@ -72,7 +84,7 @@ def load_run(path: str | os.PathLike) -> Run:
     """Load the run in directory ``path`` (its ``results.jsonl`` may be missing: no records yet)."""
     path = Path(path)
     meta = _read_run_json(path / RUN_FILE)
-    records = _read_results(path / RESULTS_FILE, meta["domains"])
+    records = _read_results(path / RESULTS_FILE, meta["domains"], meta["metric"])
     return Run(**meta, records=records, path=path, done=(path / DONE_FILE).exists())
 
 
@@ -94,19 +106,26 @@ def check_consistency(runs: Iterable[Run]) -> dict[str, tuple[str, ...]]:
         ``{dataset: domains}`` in the order datasets are first seen (sorted by path).
 
     Raises:
-        RecordsError: two runs of one dataset list different domains, or two runs share dataset, tag,
-            hparams, seed and test domains (e.g. one sweep copied into another).
+        RecordsError: two runs of one dataset list different domains or metrics, or two runs share dataset,
+            tag, hparams, seed and test domains (e.g. one sweep copied into another).
     """
     domains: dict[str, tuple[str, ...]] = {}
     first_path: dict[str, Path] = {}
     seen: dict[tuple, Path] = {}
-    for run in sorted(runs, key=lambda r: r.path):
+    runs_sorted = sorted(runs, key=lambda r: r.path)
+    for run in runs_sorted:
         if run.dataset not in domains:
             domains[run.dataset], first_path[run.dataset] = run.domains, run.path
         elif domains[run.dataset] != run.domains:
             raise RecordsError(
                 f"{run.path / RUN_FILE}: domains {list(run.domains)} differ from {list(domains[run.dataset])} "
                 f"in {first_path[run.dataset] / RUN_FILE} (same dataset {run.dataset!r})"
+            )
+        first = next(r for r in runs_sorted if r.dataset == run.dataset)
+        if first.metric != run.metric:
+            raise RecordsError(
+                f"{run.path / RUN_FILE}: metric {run.metric!r} differs from {first.metric!r} in "
+                f"{first.path / RUN_FILE} (same dataset {run.dataset!r}); one table compares one metric"
             )
         key = (run.dataset, run.tag, run.hparams, run.seed, frozenset(run.test_domains))
         if key in seen:
@@ -115,6 +134,11 @@ def check_consistency(runs: Iterable[Run]) -> dict[str, tuple[str, ...]]:
             )
         seen[key] = run.path
     return domains
+
+
+def dataset_metrics(runs: Iterable[Run]) -> dict[str, str]:
+    """``{dataset: metric name}`` (e.g. ``accuracy``, ``mIoU``) for table headings and plot axes."""
+    return {run.dataset: run.metric_name for run in sorted(runs, key=lambda r: r.path)}
 
 
 def _read_run_json(file: Path) -> dict[str, Any]:
@@ -146,6 +170,13 @@ def _read_run_json(file: Path) -> dict[str, Any]:
         raise RecordsError(
             f"{file}: 'test_domains' must name one or two domains and leave a source domain, got {test_domains}"
         )
+    metric, metric_name = raw.get("metric", LEGACY_METRIC[0]), raw.get("metric_name", LEGACY_METRIC[1])
+    for key, value in (("metric", metric), ("metric_name", metric_name)):
+        if not isinstance(value, str) or not value or "/" in value:
+            raise RecordsError(f"{file}: {key!r} must be a non-empty name without '/', got {value!r}")
+    choices = raw.get("choices", {})
+    if not isinstance(choices, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in choices.items()):
+        raise RecordsError(f"{file}: 'choices' must map config groups to strings, got {choices!r}")
     return {
         "dataset": raw["dataset"],
         "domains": tuple(domains),
@@ -153,6 +184,9 @@ def _read_run_json(file: Path) -> dict[str, Any]:
         "seed": raw["seed"],
         "tag": raw["tag"],
         "hparams": str(raw["hparams"]),
+        "metric": metric,
+        "metric_name": metric_name,
+        "choices": dict(choices),
     }
 
 
@@ -165,7 +199,7 @@ def _str_list(file: Path, key: str, value: Any) -> list[str]:
     return value
 
 
-def _read_results(file: Path, domains: list[str] | tuple[str, ...]) -> list[dict[str, Any]]:
+def _read_results(file: Path, domains: list[str] | tuple[str, ...], metric: str) -> list[dict[str, Any]]:
     """Parse and validate ``results.jsonl`` (sorted by step); a missing file is no records."""
     if not file.exists():
         return []
@@ -180,7 +214,7 @@ def _read_results(file: Path, domains: list[str] | tuple[str, ...]) -> list[dict
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise RecordsError(f"{where}: not valid JSON ({err})") from err
-            _check_record(where, record, domains)
+            _check_record(where, record, domains, metric)
             if record["step"] in steps:
                 raise RecordsError(f"{where}: step {record['step']} appears twice")
             steps.add(record["step"])
@@ -188,8 +222,8 @@ def _read_results(file: Path, domains: list[str] | tuple[str, ...]) -> list[dict
     return sorted(records, key=lambda r: r["step"])
 
 
-def _check_record(where: str, record: Any, domains: list[str] | tuple[str, ...]) -> None:
-    """Raise :class:`RecordsError` unless ``record`` has an integer step and every accuracy in [0, 1]."""
+def _check_record(where: str, record: Any, domains: list[str] | tuple[str, ...], metric: str) -> None:
+    """Raise :class:`RecordsError` unless ``record`` has an integer step and every score in [0, 1]."""
     if not isinstance(record, dict):
         raise RecordsError(f"{where}: expected a JSON object, got {type(record).__name__}")
     step = record.get("step")
@@ -197,9 +231,9 @@ def _check_record(where: str, record: Any, domains: list[str] | tuple[str, ...])
         raise RecordsError(f"{where}: 'step' must be an integer, got {step!r}")
     for domain in domains:
         for split in ("in", "out"):
-            key = f"acc/{domain}/{split}"
+            key = f"{metric}/{domain}/{split}"
             if key not in record:
                 raise RecordsError(f"{where}: missing {key!r} (every record holds both splits of every domain)")
             value = record[key]
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-                raise RecordsError(f"{where}: {key!r} must be an accuracy in [0, 1], got {value!r}")
+                raise RecordsError(f"{where}: {key!r} must be a score in [0, 1], got {value!r}")

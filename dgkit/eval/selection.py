@@ -2,15 +2,17 @@
 
 Each rule scores one group of runs: one dataset, one tag (the table row), one seed (DomainBed's trial seed)
 and one test domain ``t``. The group holds every hyper-parameter candidate (``hparams`` id). A rule picks a
-``(hparams, step)`` by a validation accuracy and reports the test accuracy there, which is always the test
-domain's ``in`` split (``acc/t/in``, 80 % of the domain), as DomainBed's ``model_selection.py`` does:
+``(hparams, step)`` by a validation score and reports the test score there, which is always the test
+domain's ``in`` split (``<metric>/t/in``, 80 % of the domain), as DomainBed's ``model_selection.py`` does. The
+score is the run's own metric (``Run.metric``: accuracy for classification, mIoU for segmentation), written
+``m`` below:
 
 - :class:`TrainingDomainValidation` (``IIDAccuracySelectionMethod``): every evaluation of every run with the
-  single test domain ``t``; val = mean ``acc/<d>/out`` over the source domains; early stopping allowed.
+  single test domain ``t``; val = mean ``m/<d>/out`` over the source domains; early stopping allowed.
 - :class:`LeaveOneDomainOut` (``LeaveOneOutSelectionMethod``): per hparams id and step, val = mean over the
-  other domains ``v`` of ``acc/v/in`` from the run trained with test domains ``{t, v}``; needs all of them.
+  other domains ``v`` of ``m/v/in`` from the run trained with test domains ``{t, v}``; needs all of them.
 - :class:`TestDomainOracle` (``OracleSelectionMethod``): the last evaluation of each candidate only;
-  val = ``acc/t/out``. One test-domain query per candidate, so it can come out below training-domain
+  val = ``m/t/out``. One test-domain query per candidate, so it can come out below training-domain
   validation.
 
 Ties go to the first candidate in (hparams id, step) order, i.e. the smallest id, then the earliest step.
@@ -28,10 +30,11 @@ from dgkit.eval.records import Run
 
 @dataclass(frozen=True)
 class Choice:
-    """The evaluation a rule selected: its validation and test accuracy (in [0, 1]), step and hparams id."""
+    """The evaluation a rule selected: its validation and test score (the runs' metric, in [0, 1]), step and
+    hparams id."""
 
-    val_acc: float
-    test_acc: float
+    val_score: float
+    test_score: float
     step: int
     hparams: str
 
@@ -52,7 +55,7 @@ class SelectionRule(ABC):
 
         Args:
             runs: every run of the group, whatever its test domains; the rule takes those it needs.
-            test_domain: the held-out domain ``t`` whose ``acc/t/in`` is reported.
+            test_domain: the held-out domain ``t`` whose ``<metric>/t/in`` is reported.
         """
 
     def __repr__(self) -> str:
@@ -60,7 +63,7 @@ class SelectionRule(ABC):
 
 
 class TrainingDomainValidation(SelectionRule):
-    """Argmax over (hparams, step) of the mean ``out`` accuracy of the source domains."""
+    """Argmax over (hparams, step) of the mean ``out`` score of the source domains."""
 
     name = "training-domain validation set"
     key = "iid"
@@ -69,8 +72,8 @@ class TrainingDomainValidation(SelectionRule):
         """See :meth:`SelectionRule.select`."""
         candidates = (
             Choice(
-                val_acc=sum(rec[f"acc/{d}/out"] for d in run.sources) / len(run.sources),
-                test_acc=rec[f"acc/{test_domain}/in"],
+                val_score=sum(run.score(rec, d, "out") for d in run.sources) / len(run.sources),
+                test_score=run.score(rec, test_domain, "in"),
                 step=rec["step"],
                 hparams=run.hparams,
             )
@@ -81,7 +84,7 @@ class TrainingDomainValidation(SelectionRule):
 
 
 class TestDomainOracle(SelectionRule):
-    """Argmax over hparams of the test domain's ``out`` accuracy at each candidate's last evaluation."""
+    """Argmax over hparams of the test domain's ``out`` score at each candidate's last evaluation."""
 
     name = "test-domain validation set (oracle)"
     key = "oracle"
@@ -94,13 +97,13 @@ class TestDomainOracle(SelectionRule):
             if not run.records:
                 continue
             last = max(run.records, key=lambda r: r["step"])
-            val, test = last[f"acc/{test_domain}/out"], last[f"acc/{test_domain}/in"]
-            candidates.append(Choice(val_acc=val, test_acc=test, step=last["step"], hparams=run.hparams))
+            val, test = run.score(last, test_domain, "out"), run.score(last, test_domain, "in")
+            candidates.append(Choice(val_score=val, test_score=test, step=last["step"], hparams=run.hparams))
         return _argmax(candidates)
 
 
 class LeaveOneDomainOut(SelectionRule):
-    """Argmax over (hparams, step) of the mean ``in`` accuracy of each other domain held out with ``t``."""
+    """Argmax over (hparams, step) of the mean ``in`` score of each other domain held out with ``t``."""
 
     name = "leave-one-domain-out cross-validation"
     key = "lodo"
@@ -129,8 +132,8 @@ class LeaveOneDomainOut(SelectionRule):
                 step = rec["step"]
                 if any(step not in pair_steps[v] for v in others):
                     continue
-                val = sum(pair_steps[v][step][f"acc/{v}/in"] for v in others) / len(others)
-                yield Choice(val_acc=val, test_acc=rec[f"acc/{t}/in"], step=step, hparams=single.hparams)
+                val = sum(pairs[v].score(pair_steps[v][step], v, "in") for v in others) / len(others)
+                yield Choice(val_score=val, test_score=single.score(rec, t, "in"), step=step, hparams=single.hparams)
 
 
 RULES: tuple[SelectionRule, ...] = (TrainingDomainValidation(), LeaveOneDomainOut(), TestDomainOracle())
@@ -156,9 +159,9 @@ def _by_step(records: list[dict]) -> list[dict]:
 
 
 def _argmax(candidates: Iterable[Choice]) -> Choice | None:
-    """The first candidate with the highest validation accuracy, or None when there is none."""
+    """The first candidate with the highest validation score, or None when there is none."""
     best = None
     for choice in candidates:
-        if best is None or choice.val_acc > best.val_acc:
+        if best is None or choice.val_score > best.val_score:
             best = choice
     return best

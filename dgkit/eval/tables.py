@@ -1,7 +1,8 @@
 """DomainBed-style result tables (``collect_results.py`` of Gulrajani & Lopez-Paz, 2021): data, markdown, CSV, plot.
 
 One table per (dataset, selection rule): a row per tag, a column per domain of the dataset (in the dataset's
-order) and ``Avg``. A cell is ``100·mean ± 100·SE`` of the selected test accuracy over seeds, with
+order) and ``Avg``. A cell is ``100·mean ± 100·SE`` of the selected test score over seeds (the runs' metric:
+accuracy for classification, mIoU for segmentation; each table names it), with
 SE = population std (ddof=0) / √n_seeds; a cell with one seed is ``100·mean (1 seed)`` (DomainBed prints a
 misleading ``± 0.0`` there); a cell with no seed is ``X``; ``Avg`` is the mean of the domain
 means, without an error bar, and ``X`` when a domain is missing. Like DomainBed, a cell averages the seeds
@@ -30,7 +31,7 @@ from dgkit.utils.io import atomic_write, atomic_write_text
 MISSING = "X"
 CSV_COLUMNS = ("dataset", "rule", "tag", "test_domain", "mean", "se", "n_seeds")
 LEGEND = (
-    "Cells: 100 × mean ± SE of the selected test-domain accuracy (`in` split) over seeds, "
+    "Cells: 100 × mean ± SE of the selected test-domain score (`in` split; the metric each table names) over seeds, "
     "SE = population std / √n_seeds; (1 seed) = no SE; X = no result; Avg = mean of the domain means."
 )
 
@@ -49,11 +50,11 @@ Summary = dict[str, dict[str, dict[str, dict[str, Cell | None]]]]
 """``summary[dataset][rule name][tag][test domain]`` -> :class:`Cell` or None (missing)."""
 
 
-def mean_se(accs: Sequence[float]) -> tuple[float, float]:
-    """``(100·mean, 100·std/√n)`` of accuracies in [0, 1], std with ddof=0 (DomainBed's ``format_mean``)."""
-    if not accs:
-        raise ValueError("mean_se needs at least one accuracy")
-    values = np.asarray(accs, dtype=float)
+def mean_se(scores: Sequence[float]) -> tuple[float, float]:
+    """``(100·mean, 100·std/√n)`` of scores in [0, 1], std with ddof=0 (DomainBed's ``format_mean``)."""
+    if not scores:
+        raise ValueError("mean_se needs at least one score")
+    values = np.asarray(scores, dtype=float)
     return 100.0 * float(values.mean()), 100.0 * float(values.std() / math.sqrt(len(values)))
 
 
@@ -98,14 +99,23 @@ def summarise(runs: Iterable[Run], rules: Sequence[SelectionRule] = RULES) -> Su
     return summary
 
 
-def to_markdown(summary: Summary, rules: Sequence[SelectionRule] = RULES) -> str:
-    """Every table as markdown, a ``### <dataset> — <rule name>`` heading each (empty tables give a note)."""
+def to_markdown(
+    summary: Summary, rules: Sequence[SelectionRule] = RULES, metrics: dict[str, str] | None = None
+) -> str:
+    """Every table as markdown, a ``### <dataset> — <rule name>`` heading each (empty tables give a note).
+
+    Args:
+        metrics: ``{dataset: metric name}`` (:func:`~dgkit.eval.records.dataset_metrics`), printed under each
+            heading.
+    """
     why = {rule.name: rule.unavailable for rule in rules}
     parts = ["# Results", "", LEGEND, ""]
     for dataset, by_rule in summary.items():
         for rule_name, rows in by_rule.items():
             parts.append(f"### {dataset} — {rule_name}")
             parts.append("")
+            if metrics and dataset in metrics:
+                parts.extend([f"Test-domain {metrics[dataset]} (%).", ""])
             if _is_empty(rows):
                 parts.append(f"_Table omitted: {why.get(rule_name, 'no result')}._")
             else:
@@ -129,11 +139,14 @@ def to_csv(summary: Summary) -> str:
     return buffer.getvalue()
 
 
-def plot_dataset(summary: Summary, dataset: str, path: str | os.PathLike, rule: str | None = None) -> Path | None:
+def plot_dataset(
+    summary: Summary, dataset: str, path: str | os.PathLike, rule: str | None = None, metric_name: str = "score"
+) -> Path | None:
     """Grouped bar chart (a group per test domain, a bar per tag, error bar = SE) written atomically as PNG.
 
     Args:
         rule: the rule name to plot; training-domain validation by default.
+        metric_name: the y axis label's metric (``accuracy``, ``mIoU``).
 
     Returns:
         The path written, or None when the rule has no result for ``dataset`` (nothing is written).
@@ -162,23 +175,35 @@ def plot_dataset(summary: Summary, dataset: str, path: str | os.PathLike, rule: 
     ax.set_xticks(x, domains)
     ax.set_xlim(-0.5, len(domains) - 0.5)  # autoscaling ignores the slots of missing (NaN) bars
     ax.set_xlabel("test domain")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"test {metric_name} (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{dataset} — {rule}", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), title="error bar: SE", title_fontsize=7)
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
 
 
-def write_report(summary: Summary, out_dir: str | os.PathLike, rules: Sequence[SelectionRule] = RULES) -> list[Path]:
-    """Write ``results.md``, ``results.csv`` and ``<dataset>.png`` (where it has data) into ``out_dir``."""
+def write_report(
+    summary: Summary,
+    out_dir: str | os.PathLike,
+    rules: Sequence[SelectionRule] = RULES,
+    metrics: dict[str, str] | None = None,
+) -> list[Path]:
+    """Write ``results.md``, ``results.csv`` and ``<dataset>.png`` (where it has data) into ``out_dir``.
+
+    Args:
+        metrics: ``{dataset: metric name}`` for the headings and plot axes.
+    """
     out_dir = Path(out_dir)
+    metrics = metrics or {}
     written = [
-        atomic_write_text(out_dir / "results.md", to_markdown(summary, rules)),
+        atomic_write_text(out_dir / "results.md", to_markdown(summary, rules, metrics)),
         atomic_write_text(out_dir / "results.csv", to_csv(summary)),
     ]
     for dataset in summary:
         if TrainingDomainValidation.name in summary[dataset]:
-            png = plot_dataset(summary, dataset, out_dir / f"{_safe_name(dataset)}.png")
+            png = plot_dataset(
+                summary, dataset, out_dir / f"{_safe_name(dataset)}.png", metric_name=metrics.get(dataset, "score")
+            )
             if png is not None:
                 written.append(png)
     return written
@@ -187,7 +212,7 @@ def write_report(summary: Summary, out_dir: str | os.PathLike, rules: Sequence[S
 def _cell(
     rule: SelectionRule, groups: dict[tuple[str, str, int], list[Run]], dataset: str, tag: str, test_domain: str
 ) -> Cell | None:
-    """Select per seed for one (dataset, tag, test domain) and aggregate the chosen test accuracies."""
+    """Select per seed for one (dataset, tag, test domain) and aggregate the chosen test scores."""
     choices = {}
     for (ds, group_tag, seed), runs in groups.items():
         if ds == dataset and group_tag == tag:
@@ -196,7 +221,7 @@ def _cell(
                 choices[seed] = choice
     if not choices:
         return None
-    mean, se = mean_se([c.test_acc for c in choices.values()])
+    mean, se = mean_se([c.test_score for c in choices.values()])
     return Cell(mean=mean, se=se, n_seeds=len(choices), choices=choices)
 
 
