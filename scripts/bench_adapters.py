@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from dgkit.adapters import count_parameters, merge  # noqa: E402
+from dgkit.compose import build  # noqa: E402
 from dgkit.config import register_resolvers  # noqa: E402
-from dgkit.run import build  # noqa: E402
 
 
 def _method(args, adapter: str):

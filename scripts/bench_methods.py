@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
+from dgkit.compose import build, build_trainer  # noqa: E402
 from dgkit.config import register_resolvers  # noqa: E402
-from dgkit.run import _trainer, build  # noqa: E402
 
 METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
 
@@ -83,7 +83,7 @@ def time_method(cfg: DictConfig, out: Path, warmup: int) -> list[float]:
     """Seconds per step of one Lightning fit of ``cfg``, warm-up steps dropped."""
     pl.seed_everything(0, verbose=False)
     datamodule, method = build(cfg)
-    trainer = _trainer(cfg, out, {})
+    trainer = build_trainer(cfg, out, {}, method)
     timer = _StepTimer()
     trainer.callbacks.append(timer)
     trainer.fit(method, datamodule=datamodule)

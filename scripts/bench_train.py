@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from dgkit.compose import build, build_trainer  # noqa: E402
 from dgkit.config import register_resolvers  # noqa: E402
-from dgkit.run import _trainer, build  # noqa: E402
 
 
 class _StepClock(pl.Callback):
@@ -65,7 +65,7 @@ def run_dgkit(cfg, out: Path, warmup: int) -> float:
     """Steps/s of ``trainer.fit`` with dgkit's own trainer setup (progress bar, logger, checkpointing)."""
     pl.seed_everything(0, verbose=False)
     datamodule, method = build(cfg)
-    trainer = _trainer(cfg, out, {})
+    trainer = build_trainer(cfg, out, {}, method)
     clock = _StepClock()
     trainer.callbacks.append(clock)
     trainer.fit(method, datamodule=datamodule)

@@ -8,7 +8,8 @@ Reads every run directory below each ``DIR`` (``run.json`` + ``results.jsonl`` +
 tables and writes ``results.md``, ``results.csv`` and ``<dataset>.png`` into ``OUTDIR`` (default: the one
 ``DIR``; required with several). Several sweep folders give one table with a row per ``tag`` (e.g. ERM, DANN
 and SAM side by side); runs sharing a tag are hyper-parameter candidates that the selection rules choose from.
-Runs without the ``done`` marker are skipped unless ``--include-incomplete`` is given.
+Runs without the ``done`` marker are skipped unless ``--include-incomplete`` is given. A row whose runs record
+different algorithm choices in ``run.json`` (e.g. ERM and ERM+BSS under one ``tag=``) gets a warning on stderr.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 from dgkit.eval import RecordsError, dataset_metrics, load_runs, split_finished, summarise, to_markdown, write_report
+from dgkit.eval.mixed import mixed_rows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             runs = finished
         if not runs:
             raise RecordsError(f"no finished runs under {', '.join(map(str, args.dirs))}")
+        for warning in mixed_rows(runs):  # a row mixing algorithms still gets a table, with this caveat
+            print(f"warning: {warning}", file=sys.stderr)
         summary = summarise(runs)
         metrics = dataset_metrics(runs)
         print(to_markdown(summary, metrics=metrics))

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dgkit.checkpoint import load_checkpoint  # noqa: E402
+from dgkit.checkpoint import load_checkpoint_and_data  # noqa: E402
 from dgkit.config import register_resolvers  # noqa: E402
 from dgkit.tta import build_test_sets, evaluate_tta  # noqa: E402
 from dgkit.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -36,7 +36,7 @@ from dgkit.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 def evaluate_run(run: Path, ttas: list[str], corrupt: dict, seed: int) -> dict:
     """Every TTA on one run's ``best.ckpt``: ``{"test_domains", "results": {tta: result or {"error"}}}``."""
-    _, datamodule, method = load_checkpoint(run / "checkpoints" / "best.ckpt")
+    _, datamodule, method = load_checkpoint_and_data(run / "checkpoints" / "best.ckpt")
     sets = build_test_sets(datamodule, None, "in", corrupt)
     results: dict = {}
     for i, name in enumerate(ttas):

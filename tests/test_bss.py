@@ -8,8 +8,9 @@ import torch
 
 from dgkit.backbones import SmallCNN
 from dgkit.data.style import BatchStylesStandardization, beta_to_ratio, standardize_styles, window_bounds
+from dgkit.identity import hparams_id
 from dgkit.methods.erm import ERM
-from dgkit.run import hparams_id, train
+from dgkit.run import train
 from dgkit.utils.io import read_jsonl
 
 

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 
+from dgkit.compose import build
 from dgkit.methods import DANN
 from dgkit.methods.grl import adaptation_factor, annealed_lr_factor, grad_reverse
-from dgkit.run import build, train
+from dgkit.run import train
 from dgkit.utils.io import read_jsonl
 
 # tanh(x / 2) == 2 / (1 + e^{-x}) - 1, so the ramp at p is tanh(5 p) for γ = 10 (values from a calculator).

@@ -12,9 +12,10 @@ from dgkit.backbones.base import DataConfig
 from dgkit.data import DGDataModule
 from dgkit.data.benchmarks import synthetic
 from dgkit.data.style import BatchColorJitter, BatchStylesStandardization, normalize, unnormalize
+from dgkit.export import export_backbone
 from dgkit.methods.linear_probe import LinearProbe
 from dgkit.methods.simclr import SimCLR, nt_xent
-from dgkit.run import export_backbone, train
+from dgkit.run import train
 
 
 def test_nt_xent_matches_hand_computation():

@@ -27,7 +27,7 @@ def test_every_method_fits(method, backbone, tiny_cfg, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["test_domains"] == ["c"] and run["dataset"] == "synthetic"
     best = max(records, key=lambda r: (r["acc/a/out"] + r["acc/b/out"]) / 2)
-    assert final["step"] == best["step"] and final["test_acc"]["c"] == best["acc/c/in"]
+    assert final["step"] == best["step"] and final["test_score"]["c"] == best["acc/c/in"]
 
 
 def test_last_step_is_evaluated(tiny_cfg, tmp_path):
@@ -73,7 +73,7 @@ def test_changed_config_is_not_resumed(tiny_cfg, tmp_path, monkeypatch):
 
 
 def test_hparams_id_ignores_where_data_lives(tiny_cfg):
-    from dgkit.run import hparams_id
+    from dgkit.identity import hparams_id
 
     base = hparams_id(tiny_cfg())
     assert hparams_id(tiny_cfg("paths.datasets=/elsewhere")) == base
@@ -138,4 +138,4 @@ def test_folder_benchmark_on_top_of_experiment(tmp_path):
     ]
     final = train(compose_cfg(overrides, tmp_path / "run"))
     assert final["dataset"] == "folder" and final["domains"] == ["night", "summer", "winter"]
-    assert final["test_domains"] == ["night"] and set(final["accuracies"]) == {"night", "summer", "winter"}
+    assert final["test_domains"] == ["night"] and set(final["scores"]) == {"night", "summer", "winter"}

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from dgkit.checkpoint import load_checkpoint
+from dgkit.checkpoint import load_checkpoint_and_data
 from dgkit.run import train
 from dgkit.tta import T3A, AdaNPC, BNAdapt, Tent, build_test_sets, entropy, evaluate_tta, knn_scores
 from dgkit.tta.evaluate import source_batches, stream
@@ -190,7 +190,7 @@ def trained_checkpoint(tmp_path_factory):
 
 
 def test_gradient_tta_under_the_evaluation_entry_point(trained_checkpoint):
-    cfg, datamodule, method = load_checkpoint(trained_checkpoint)
+    cfg, datamodule, method = load_checkpoint_and_data(trained_checkpoint)
     result = evaluate_tta(method, datamodule, Tent(batch_size=8), seed=0)
     c = result["sets"]["c"]
     images = datamodule.split("c", "in")
@@ -213,14 +213,14 @@ def test_gradient_tta_under_the_evaluation_entry_point(trained_checkpoint):
 
 
 def test_source_validation_keeps_the_evaluated_split_out_of_the_memory(trained_checkpoint):
-    _, datamodule, _ = load_checkpoint(trained_checkpoint)
+    _, datamodule, _ = load_checkpoint_and_data(trained_checkpoint)
     every = len(source_batches(datamodule).dataset)
     without = len(source_batches(datamodule, exclude=[("a", "out")]).dataset)
     assert every - without == len(datamodule.splits[("a", "out")]) > 0
 
 
 def test_empty_held_out_split_is_an_error(trained_checkpoint):
-    _, datamodule, _ = load_checkpoint(trained_checkpoint)
+    _, datamodule, _ = load_checkpoint_and_data(trained_checkpoint)
     datamodule.splits[("c", "in")] = datamodule.splits[("c", "in")][:0]
     with pytest.raises(ValueError, match="no images"):
         build_test_sets(datamodule, ["c"])

@@ -1,7 +1,9 @@
 """Adapter specs: what ``conf/adapter/*.yaml`` instantiates; ``apply(backbone)`` transforms a built backbone.
 
-The composition root calls ``apply`` after the backbone (and its ``backbone.weights``) is loaded and before the
-method is built, so every objective sees an adapted backbone with only the adapter's parameters trainable.
+Every spec is a ``before_fit`` link of the model-transform chain (:mod:`dgkit.chain`): the composition root
+applies it after the backbone (and its ``backbone.weights``) is loaded and before the method is built, so every
+objective sees an adapted backbone with only the adapter's parameters trainable; a checkpoint replays it (the
+structure follows from the config) before its weights are loaded.
 A spec subclass implements :meth:`Adapter.wrap` (one linear layer → its adapter wrapper); choosing layers
 (``target``, ``start_block``, ``split_qkv``, ``qkv_slices``), freezing and the summary are shared here.
 """
@@ -18,6 +20,7 @@ from torch import nn
 
 from dgkit.adapters.core import block_index, describe_linears, inject, mark_trainable, select_linears
 from dgkit.adapters.qkv import SLICES, split_qkv
+from dgkit.chain import ModelTransform, TransformContext
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +41,14 @@ def _summary(label: str, model: nn.Module, adapted: Sequence[str]) -> str:
     return f"adapter {label}: {layers}{trainable:,} of {total:,} backbone parameters trainable ({share:.2%})"
 
 
-class FullFineTuning:
+class FullFineTuning(ModelTransform):
     """``adapter=none``: every backbone parameter trains (the backbone is left untouched)."""
 
     name = "none"
+
+    def transform(self, model: nn.Module, context: TransformContext) -> dict[str, list[str]]:
+        """The chain's entry point: :meth:`apply` to the backbone; the state records the adapted layer names."""
+        return {"adapted": self.apply(model)}
 
     def apply(self, backbone: nn.Module) -> list[str]:
         """Log the summary; no layer is adapted."""

@@ -1,15 +1,56 @@
-"""timm models as dgkit backbones (built with ``num_classes=0``: the head belongs to the method)."""
+"""timm models as dgkit backbones (built with ``num_classes=0``: the head belongs to the method).
+
+``forward_intermediates`` and ``feature_info`` are timm's own (timm 1.0 implements them for ResNets, ViTs and most
+other families). ``stages()`` knows the timm architectures listed in ``_STAGE_SPLITS``: ResNets (the
+``conv1/bn1/act1/maxpool`` stem, then ``layer1``..``layer4``) and ViTs (the token embedding as stem, each
+transformer block a stage, the final norm joined to the last one); any other timm model raises
+:class:`~dgkit.backbones.base.StagesNotSupported`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from timm.models import ResNet, VisionTransformer
+from torch import nn
 
-from dgkit.backbones.base import Backbone, DataConfig
+from dgkit.backbones.base import Backbone, DataConfig, Intermediates, Stages, StagesNotSupported
 from dgkit.backbones.weights import load_weights
+
+
+class _ViTStem(nn.Module):
+    """A timm VisionTransformer's token embedding: patches, position embedding (+ class token), pre-norm."""
+
+    def __init__(self, model: VisionTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(B, N, C)``."""
+        m = self.model
+        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+
+
+def _resnet_split(model: ResNet) -> tuple[nn.Module, list[nn.Module]]:
+    return nn.Sequential(model.conv1, model.bn1, model.act1, model.maxpool), [
+        model.layer1, model.layer2, model.layer3, model.layer4
+    ]  # fmt: skip
+
+
+def _vit_split(model: VisionTransformer) -> tuple[nn.Module, list[nn.Module]]:
+    blocks = list(model.blocks)
+    return _ViTStem(model), [*blocks[:-1], nn.Sequential(blocks[-1], model.norm)]
+
+
+# How each timm architecture (and its subclasses) splits into (stem, stages): declared, not guessed from attributes.
+_STAGE_SPLITS: dict[type[nn.Module], Callable[[Any], tuple[nn.Module, list[nn.Module]]]] = {
+    ResNet: _resnet_split,
+    VisionTransformer: _vit_split,
+}
 
 
 class TimmBackbone(Backbone):
@@ -84,3 +125,41 @@ class TimmBackbone(Backbone):
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         """timm's own pooling (global average, class token...) to ``(B, num_features)``."""
         return self.model.forward_head(features, pre_logits=True)
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's ``feature_info``: one ``{"num_chs", "reduction", "module"}`` per intermediate."""
+        return list(self.model.feature_info)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Intermediates:
+        """timm's own ``forward_intermediates`` (see :meth:`Backbone.forward_intermediates`).
+
+        A ResNet gives 5 intermediates (the stem's ``act1``, then ``layer1``..``layer4``), a ViT one per block
+        (spatial tokens only, as ``(B, C, H, W)`` for ``NCHW``); ``feature_info`` lists them.
+        """
+        return self.model.forward_intermediates(
+            x,
+            indices=indices,
+            norm=norm,
+            stop_early=stop_early,
+            output_fmt=output_fmt,
+            intermediates_only=intermediates_only,
+        )
+
+    def stages(self) -> Stages:
+        """The timm model as ``stem -> stages -> timm's pooling``, for the architectures in ``_STAGE_SPLITS``."""
+        for cls in type(self.model).__mro__:  # the model's class or the nearest registered base class
+            split = _STAGE_SPLITS.get(cls)
+            if split is not None:
+                stem, stages = split(self.model)
+                return Stages(stem, stages, self.pool)
+        name = self.model.pretrained_cfg.get("architecture", "?")
+        raise StagesNotSupported(f"timm {name} ({type(self.model).__name__})")

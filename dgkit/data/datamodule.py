@@ -196,8 +196,3 @@ class DGDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         """The ``in`` and ``out`` split of every domain, in :attr:`eval_names` order."""
         return [self._loader(self.split(d, s), train=False) for d, s in self.eval_names]
-
-    def test_dataloader(self) -> list[DataLoader]:
-        """Every image of every domain, one loader per domain in benchmark order."""
-        transform = build_transform(self.data_config, self.augment, train=False)
-        return [self._loader(TransformedDataset(self.benchmark.datasets[d], transform), False) for d in self.domains]

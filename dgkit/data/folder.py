@@ -41,13 +41,20 @@ class ImageFileDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        path = self.files[i]
-        try:
-            with Image.open(path) as img:
-                array = np.asarray(img.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise RuntimeError(f"cannot read image {path}: {e}") from e
-        return array, int(self.labels[i])
+        return read_image(self.files[i]), int(self.labels[i])
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as ``uint8 (H, W, 3)`` RGB.
+
+    Raises:
+        RuntimeError: the file cannot be read as an image (its name is given).
+    """
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise RuntimeError(f"cannot read image {path}: {e}") from e
 
 
 def _tree_error(message: str, root: Path) -> FileNotFoundError:

@@ -99,9 +99,7 @@ def summarise(runs: Iterable[Run], rules: Sequence[SelectionRule] = RULES) -> Su
     return summary
 
 
-def to_markdown(
-    summary: Summary, rules: Sequence[SelectionRule] = RULES, metrics: dict[str, str] | None = None
-) -> str:
+def to_markdown(summary: Summary, rules: Sequence[SelectionRule] = RULES, metrics: dict[str, str] | None = None) -> str:
     """Every table as markdown, a ``### <dataset> — <rule name>`` heading each (empty tables give a note).
 
     Args:

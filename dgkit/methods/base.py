@@ -1,8 +1,14 @@
 """The ``Method`` base: everything a domain-generalisation objective shares.
 
-It owns the classifier head, the training/validation/test steps, per-domain accuracy (torchmetrics),
-logging, and the optimiser and scheduler (Hydra ``_partial_`` configs, so optimiser sweeps need no code).
-A subclass overrides :meth:`Method.training_losses` and, in the common case, nothing else.
+It owns the head (built by the task, :mod:`dgkit.tasks`), the training and validation steps, the per-domain
+metric (the task's torchmetrics objects), logging, the optimiser and scheduler (Hydra ``_partial_`` configs,
+so optimiser sweeps need no code), and :meth:`Method.to_inference`, the plain module that prediction,
+compression and export start from. A subclass overrides :meth:`Method.training_losses` and, in the common case,
+nothing else.
+
+Evaluation is DomainBed's: the ``in`` and ``out`` split of every domain, logged as
+``val/<metric>/<domain>/<split>``, and the training-domain validation score ``val/<metric>/source_out``. There
+is no ``trainer.test`` path: a held-out domain's score is its ``in`` split in those records.
 
 Batch Styles Standardization (``+augment=bss``, see ``dgkit.data.style``) reaches objectives through
 :meth:`Method.with_bss_copy`: one line after :meth:`Method.concat` appends the standardised copy of the batch.
@@ -10,19 +16,40 @@ Batch Styles Standardization (``+augment=bss``, see ``dgkit.data.style``) reache
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
-from dgkit.adapters import regularizers
+from dgkit.adapters import merge, regularizers
 from dgkit.data.benchmark import eval_splits
 from dgkit.data.style import BatchStylesStandardization
+from dgkit.tasks import Classification, Task
 
-SOURCE_VAL_METRIC = "val/acc/source_out"
+
+def source_val_key(metric: str) -> str:
+    """The logged training-domain validation score (mean over source ``out`` splits) for a task's metric."""
+    return f"val/{metric}/source_out"
+
+
+class InferenceModel(nn.Module):
+    """A trained model for deployment: normalised images ``(B, C, H, W)`` to the task's outputs (class logits).
+
+    Built by :meth:`Method.to_inference`: adapters merged, no training-only parts.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.task = task
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's outputs on the task's backbone features."""
+        return self.head(self.task.features(self.backbone, x))
 
 
 class Method(pl.LightningModule):
@@ -35,6 +62,7 @@ class Method(pl.LightningModule):
         test_domains: the held-out domains (never used for training or model selection).
         optimizer: ``partial`` taking the parameters (e.g. ``torch.optim.Adam`` with ``lr``).
         scheduler: optional ``partial`` taking the optimiser; stepped every training step.
+        task: the task (head, loss, metric, prediction rule); classification when omitted.
 
     Attributes:
         bss: Batch Styles Standardization from ``augment.bss`` (``None``: off). The composition root sets it
@@ -54,28 +82,33 @@ class Method(pl.LightningModule):
         test_domains: Sequence[str],
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        task: Task | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
-        if num_classes < 2:
-            raise ValueError(f"num_classes={num_classes}: a classifier needs at least 2 classes")
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler", "task"])
+        self.task = task or Classification()
         self.backbone = backbone
-        self.classifier = nn.Linear(backbone.num_features, num_classes)
+        self.classifier = self.task.build_head(backbone, num_classes)
         self.domains = list(domains)
         self.test_domains = list(test_domains)
         self.source_domains = [d for d in self.domains if d not in self.test_domains]
         self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
         self.scheduler_factory = scheduler
         self.eval_names = eval_splits(self.domains)
-        self.val_acc = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in self.eval_names)
-        self.test_acc = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in self.domains)
+        self.val_metrics = nn.ModuleList(self.task.build_metric(num_classes) for _ in self.eval_names)
         self.bss: BatchStylesStandardization | None = None
         self.extra_callbacks: list[pl.Callback] = []  # set by the composition root (adapter callbacks)
+        self.meta: dict = {}  # set by the composition root: what checkpoints store to rebuild without data
         self._bss_used = False  # set by whatever consumes self.bss; checked after each training step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits ``(B, num_classes)``."""
-        return self.classifier(self.backbone(x))
+        """The task's outputs (class logits ``(B, num_classes)``)."""
+        return self.classifier(self.task.features(self.backbone, x))
+
+    @property
+    def source_val_key(self) -> str:
+        """The logged training-domain validation score that selects ``best.ckpt``."""
+        return source_val_key(self.task.metric)
 
     # ---- training -------------------------------------------------------------------------------------
     def training_losses(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -145,35 +178,36 @@ class Method(pl.LightningModule):
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
-        """Accumulate accuracy on one split of one domain."""
+        """Accumulate the task's metric on one split of one domain."""
         x, y = batch
-        self.val_acc[dataloader_idx].update(self(x).argmax(-1), y)
+        self.task.update_metric(self.val_metrics[dataloader_idx], self(x), y)
 
     def on_validation_epoch_end(self) -> None:
-        """Log ``val/acc/<domain>/<in|out>`` for every domain and the selection metric on source ``out`` splits."""
+        """Log ``val/<metric>/<domain>/<in|out>`` for every domain and the selection score on source ``out``
+        splits."""
+        metric_key = self.task.metric
         source_out = []
-        for (domain, split), metric in zip(self.eval_names, self.val_acc):
+        for (domain, split), metric in zip(self.eval_names, self.val_metrics):
             if not metric.update_called:
-                continue  # an empty split (holdout_fraction=0) has no accuracy
-            acc = metric.compute()
+                continue  # an empty split (holdout_fraction=0) has no score
+            score = metric.compute()
             metric.reset()
-            self.log(f"val/acc/{domain}/{split}", acc)
+            self.log(f"val/{metric_key}/{domain}/{split}", score)
             if split == "out" and domain in self.source_domains:
-                source_out.append(acc)
+                source_out.append(score)
         if source_out:
-            self.log(SOURCE_VAL_METRIC, torch.stack(source_out).mean(), prog_bar=True)
+            self.log(self.source_val_key, torch.stack(source_out).mean(), prog_bar=True)
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
-        """Accumulate accuracy on every image of one domain."""
-        x, y = batch
-        self.test_acc[dataloader_idx].update(self(x).argmax(-1), y)
+    # ---- deployment -----------------------------------------------------------------------------------
+    def to_inference(self) -> nn.Module:
+        """A plain module mapping a normalised image batch to the task's outputs, for prediction and export.
 
-    def on_test_epoch_end(self) -> None:
-        """Log ``test/acc/<domain>`` for every domain."""
-        for domain, metric in zip(self.domains, self.test_acc):
-            if metric.update_called:
-                self.log(f"test/acc/{domain}", metric.compute())
-                metric.reset()
+        A copy: adapters are merged into plain layers, training-only parts (discriminators, projectors, memory
+        banks, extra heads) are left behind, and the module is in eval mode. Methods with another inference
+        rule (DRM) or no trained head (SimCLR) override this.
+        """
+        backbone = merge(copy.deepcopy(self.backbone))
+        return InferenceModel(backbone, copy.deepcopy(self.classifier), self.task).eval()
 
     # ---- optimisation ---------------------------------------------------------------------------------
     def configure_callbacks(self) -> list[pl.Callback]:

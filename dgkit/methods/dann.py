@@ -26,6 +26,7 @@ from torch import nn
 from dgkit.methods.base import Method
 from dgkit.methods.discriminator import DomainDiscriminator
 from dgkit.methods.grl import adaptation_factor, annealed_lr_factor, grad_reverse
+from dgkit.tasks import Task
 
 VARIANTS = ("grl", "alternating")
 Batch = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -76,8 +77,9 @@ class DANN(Method):
         lr_g: float = 5e-5,
         weight_decay_d: float = 0.0,
         weight_decay_g: float = 0.0,
+        task: Task | None = None,
     ) -> None:
-        super().__init__(backbone, num_classes, domains, test_domains, optimizer, scheduler)
+        super().__init__(backbone, num_classes, domains, test_domains, optimizer, scheduler, task=task)
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r}; choose one of {', '.join(VARIANTS)}")
         if len(self.source_domains) < 2:

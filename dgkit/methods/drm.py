@@ -9,13 +9,16 @@ is the base class's ``classifier``, so every other TTA (AdaNPC, T3A, Tent) works
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dgkit.adapters import merge
 from dgkit.methods.base import Method
+from dgkit.tasks import Task
 
 Batch = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -24,6 +27,22 @@ def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of the softmax entropy, for logits ``(..., B, C)`` -> ``(...)``."""
     log_p = logits.log_softmax(-1)
     return -(log_p.exp() * log_p).sum(-1).mean(-1)
+
+
+class DRMInference(nn.Module):
+    """DRM for deployment: per batch, the logits of the head (source domains' and shared) with the lowest mean
+    prediction entropy, as :meth:`DRM.forward` computes them."""
+
+    def __init__(self, backbone: nn.Module, heads: nn.ModuleList) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, C)`` of the lowest-entropy head on this batch."""
+        z = self.backbone(x)
+        logits = torch.stack([h(z) for h in self.heads])  # (S + 1, B, C)
+        return logits[mean_entropy(logits).argmin()]
 
 
 class DRM(Method):
@@ -42,8 +61,9 @@ class DRM(Method):
         test_domains: Sequence[str],
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        task: Task | None = None,
     ) -> None:
-        super().__init__(backbone, num_classes, domains, test_domains, optimizer, scheduler)
+        super().__init__(backbone, num_classes, domains, test_domains, optimizer, scheduler, task=task)
         self.heads = nn.ModuleList(nn.Linear(backbone.num_features, num_classes) for _ in self.source_domains)
 
     def all_logits(self, z: torch.Tensor) -> torch.Tensor:
@@ -54,6 +74,12 @@ class DRM(Method):
         """Logits of the head with the lowest mean prediction entropy on this batch (DRM's ``entropy`` rule)."""
         logits = self.all_logits(self.backbone(x))  # (S + 1, B, C)
         return logits[mean_entropy(logits).argmin()]
+
+    def to_inference(self) -> nn.Module:
+        """Merged backbone and every head, with DRM's entropy rule (see :class:`DRMInference`)."""
+        backbone = merge(copy.deepcopy(self.backbone))
+        heads = nn.ModuleList([*copy.deepcopy(self.heads), copy.deepcopy(self.classifier)])
+        return DRMInference(backbone, heads).eval()
 
     def training_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         """``{"loss", "domain_ce", "shared_ce"}``: each domain's head and the shared head on that domain's batch."""

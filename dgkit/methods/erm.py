@@ -6,15 +6,15 @@ The baseline DomainBed found hard to beat when model selection is done honestly 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dgkit.methods.base import Method
 
 
 class ERM(Method):
-    """Cross-entropy over the concatenation of every source domain's batch (and its BSS copy, if configured)."""
+    """The task's loss (cross-entropy for classification) over the concatenation of every source domain's batch
+    (and its BSS copy, if configured)."""
 
     def training_losses(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """``{"loss": CE}`` over all source images of the step."""
+        """``{"loss": task loss}`` over all source images of the step."""
         x, y = self.with_bss_copy(*self.concat(batch))  # (B or 2B, C, H, W): + BSS copy under +augment=bss
-        return {"loss": F.cross_entropy(self(x), y)}
+        return {"loss": self.task.loss(self(x), y)}

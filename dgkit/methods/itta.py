@@ -10,8 +10,8 @@ Per step (``../shared/methods/dg_objectives_and_tta.md`` §4.4), with ``z`` the 
    parameters θ (double back-propagation; the classification gradient is a constant), so the learned loss
    yields gradients that point like the classification ones.
 
-Supports the stage-split backbones of :mod:`dgkit.backbones.stages` (small CNNs, timm ResNets and ViTs). MixStyle and
-``f_w`` are hand-written (a few lines each; the official code is DomainBed scripts, not a library).
+Supports the backbones that declare ``stages()`` (:mod:`dgkit.backbones.stages`: small CNNs, timm ResNets and ViTs).
+MixStyle and ``f_w`` are hand-written (a few lines each; the official code is DomainBed scripts, not a library).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 
 from dgkit.backbones.stages import backbone_stages
 from dgkit.methods.base import Method
+from dgkit.tasks import Task
 
 Batch = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -91,8 +92,9 @@ class ITTA(Method):
         lr_w: float = 1e-4,
         penalty: float = 0.1,
         loss_depth: int = 10,
+        task: Task | None = None,
     ) -> None:
-        super().__init__(backbone, num_classes, domains, test_domains, optimizer, scheduler)
+        super().__init__(backbone, num_classes, domains, test_domains, optimizer, scheduler, task=task)
         self.stages = backbone_stages(backbone, "method=itta")  # fails early on an unsupported backbone
         for module in backbone.modules():  # timm attention: the fused SDPA kernel has no double backward on CPU
             if hasattr(module, "fused_attn"):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgkit.methods.base import Method
+from dgkit.tasks import Task
 
 
 class LinearProbe(Method):
@@ -46,8 +47,9 @@ class LinearProbe(Method):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         feature_norm: bool = True,
+        task: Task | None = None,
     ) -> None:
-        super().__init__(backbone, num_classes, domains, test_domains, optimizer, scheduler)
+        super().__init__(backbone, num_classes, domains, test_domains, optimizer, scheduler, task=task)
         self.backbone.requires_grad_(False)
         if feature_norm:
             self.classifier = nn.Sequential(nn.BatchNorm1d(backbone.num_features, affine=False), self.classifier)

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from dgkit.methods.base import Method
+from dgkit.tasks import Task
 
 Batch = dict[str, tuple[torch.Tensor, torch.Tensor]]
 GRAD_NORM_FLOOR = 1e-12
@@ -152,8 +153,9 @@ class Sharpness(Method):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         rho: float = 0.05,
+        task: Task | None = None,
     ) -> None:
-        super().__init__(backbone, num_classes, domains, test_domains, optimizer, scheduler)
+        super().__init__(backbone, num_classes, domains, test_domains, optimizer, scheduler, task=task)
         if not rho > 0:
             raise ValueError(f"rho={rho}: the sharpness radius must be > 0 (e.g. 0.05); for rho=0 use method=erm")
         self.rho = float(rho)

@@ -25,6 +25,7 @@ from torch import nn
 
 from dgkit.data.style import BatchColorJitter, normalize, unnormalize
 from dgkit.methods.base import Method
+from dgkit.tasks import Task
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
@@ -86,8 +87,9 @@ class SimCLR(Method):
         color_jitter: Sequence[float] | None = (0.4, 0.4, 0.4, 0.1),
         color_jitter_p: float = 0.8,
         projector_batchnorm: bool = True,
+        task: Task | None = None,
     ) -> None:
-        super().__init__(backbone, num_classes, domains, test_domains, optimizer, scheduler)
+        super().__init__(backbone, num_classes, domains, test_domains, optimizer, scheduler, task=task)
         if temperature <= 0:
             raise ValueError(f"method.temperature={temperature} must be > 0")
         if projector_dim < 1 or (projector_hidden is not None and projector_hidden < 1):
@@ -102,6 +104,18 @@ class SimCLR(Method):
         )
         jitter_on = color_jitter is not None and any(s > 0 for s in color_jitter)
         self.color_jitter = BatchColorJitter(*color_jitter, p=color_jitter_p) if jitter_on else None
+
+    def to_inference(self) -> nn.Module:
+        """Refused: a SimCLR run trains no head (its classifier is random).
+
+        Raises:
+            ValueError: always, naming the way to get a classifier from this backbone.
+        """
+        raise ValueError(
+            "SimCLR trains no classification head: its run exports backbone.safetensors; train a linear probe on it "
+            "(method=linear_probe backbone.weights=<run folder>/backbone.safetensors, e.g. +exp=digits_linear_probe) "
+            "and predict or export that probe's checkpoint"
+        )
 
     def training_losses(self, batch: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """``{"loss": NT-Xent}`` over the two view columns of all source domains (labels ignored)."""

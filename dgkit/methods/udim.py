@@ -61,6 +61,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dgkit.methods.sharpness import GRAD_NORM_FLOOR, Batch, Sharpness, frozen_running_stats, global_norm
+from dgkit.tasks import Task
 
 PERTURB_NORMS = ("per_sample", "batch_dim")
 
@@ -153,8 +154,9 @@ class UDIM(Sharpness):
         warmup_steps: int | None = None,
         warmup_fraction: float = 0.2,
         per_domain_inconsistency: bool = True,
+        task: Task | None = None,
     ) -> None:
-        super().__init__(backbone, num_classes, domains, test_domains, optimizer, scheduler, rho)
+        super().__init__(backbone, num_classes, domains, test_domains, optimizer, scheduler, rho, task=task)
         if not rho_x > 0:
             raise ValueError(f"rho_x={rho_x}: the input perturbation radius must be > 0 (official: 10)")
         if not lambda_inc >= 0:

@@ -19,7 +19,12 @@ from dgkit.tta.base import TestTimeAdapter
 
 
 def knn_scores(
-    queries: torch.Tensor, memory: torch.Tensor, labels: torch.Tensor, num_classes: int, k: int, tau: float,
+    queries: torch.Tensor,
+    memory: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    k: int,
+    tau: float,
     chunk: int = 1024,
 ) -> torch.Tensor:
     """AdaNPC's vote: for each L2-normalised query, ``score_c = Σ_{j ∈ top-k, y_j = c} softmax(s_topk / τ)_j``

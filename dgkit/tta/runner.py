@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dgkit.checkpoint import load_checkpoint
+from dgkit.checkpoint import load_checkpoint_and_data
 from dgkit.tta.base import TestTimeAdapter
 from dgkit.tta.evaluate import build_test_sets, evaluate_tta
 from dgkit.utils.io import atomic_write_json
@@ -41,7 +41,7 @@ def run_tta(
         out: the result file (default :func:`default_result_path`).
     """
     overrides = {"data.root": data_root} if data_root else None
-    _, datamodule, method = load_checkpoint(ckpt, overrides)
+    _, datamodule, method = load_checkpoint_and_data(ckpt, overrides)
     sets = build_test_sets(datamodule, domains, split, corrupt)
     result = evaluate_tta(method, datamodule, tta, sets, seed=seed, split=split)
     result.update(

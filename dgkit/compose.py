@@ -1,0 +1,183 @@
+"""The composition root: the only place that turns config into objects.
+
+- :func:`build` (training): backbone → ``before_fit`` links of the transform chain (the adapter) → DataModule
+  (from the backbone's ``data_config``) → method with the task's head; the run's metadata (:func:`run_meta`)
+  is attached to the method and stored in every checkpoint.
+- :func:`build_model` (reloading, prediction, export): the same model from a config and that metadata alone,
+  with no dataset: the chain is replayed from its records, so the structure fits the checkpoint's weights.
+- :func:`build_datamodule`: the benchmark, for code that evaluates a rebuilt model on it (TTA).
+- :func:`build_trainer`: the Lightning trainer with dgkit's callbacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from torch import nn
+
+from dgkit.callbacks import ConfigInCheckpoint, EvaluateAtLastStep, ResultsWriter
+from dgkit.chain import TransformContext, apply_chain, chain_configs, replay_chain
+from dgkit.data.style import BatchStylesStandardization
+from dgkit.methods.base import Method
+from dgkit.tasks import Classification, Task
+
+_CLASSIFICATION = "dgkit.tasks.Classification"
+META_FORMAT = 2
+META_KEYS = ("format", "task", "dataset", "classes", "domains", "test_domains", "data_config", "chain")
+"""What a checkpoint's ``dgkit_meta`` holds: enough to rebuild the model without its dataset."""
+
+
+def build_task(cfg: DictConfig) -> Task:
+    """The configured task (``task=...``); classification for configs written before tasks were a group."""
+    return instantiate(cfg.task) if cfg.get("task") else Classification()
+
+
+def build_bss(cfg: DictConfig) -> BatchStylesStandardization | None:
+    """Batch Styles Standardization from ``augment.bss`` (``+augment=bss``); ``None`` when absent or ``p=0``."""
+    block = (cfg.get("augment") or {}).get("bss")
+    if not block:
+        return None
+    bss = instantiate(block)  # validates r_min/r_max/p even when p=0
+    return bss if bss.p > 0 else None
+
+
+def build_datamodule(cfg: DictConfig, backbone: nn.Module) -> pl.LightningDataModule:
+    """The benchmark's DataModule, its pipelines built from ``backbone.data_config``; each training image comes
+    as many times as the method's ``train_views`` (SSL: 2)."""
+    views = getattr(get_class(cfg.method._target_), "train_views", 1)
+    return instantiate(cfg.data, _partial_=True)(data_config=backbone.data_config, split_seed=cfg.seed, views=views)
+
+
+def run_meta(cfg: DictConfig, datamodule: Any, backbone: nn.Module, chain: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a checkpoint stores to be rebuilt without its dataset (:data:`META_KEYS`)."""
+    task = OmegaConf.to_container(cfg.task, resolve=True) if cfg.get("task") else {"_target_": _CLASSIFICATION}
+    return {
+        "format": META_FORMAT,
+        "task": task,
+        "dataset": datamodule.name,
+        "classes": [str(c) for c in datamodule.benchmark.classes],
+        "domains": list(datamodule.domains),
+        "test_domains": list(datamodule.test_domains),
+        "data_config": _plain(dataclasses.asdict(backbone.data_config)),
+        "chain": chain,
+    }
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, recursively (checkpoint metadata holds plain containers only)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _method(cfg: DictConfig, backbone: nn.Module, meta: dict[str, Any], task: Task) -> Method:
+    return instantiate(cfg.method, _partial_=True)(
+        backbone=backbone,
+        num_classes=len(meta["classes"]),
+        domains=meta["domains"],
+        test_domains=meta["test_domains"],
+        task=task,
+    )
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, Method]:
+    """Instantiate the backbone, apply the chain's ``before_fit`` links (the adapter), then the DataModule and
+    the method; return both.
+
+    The adapter transforms the backbone after its weights are loaded and before the method is built, so every
+    objective trains the adapted backbone; link callbacks (SoMA's annealed weight decay) reach the trainer
+    through ``method.extra_callbacks``; ``augment.bss`` is attached as ``method.bss``; the run's metadata (with
+    the chain's records) as ``method.meta``.
+    """
+    backbone = instantiate(cfg.backbone)
+    task = build_task(cfg)
+    records, callbacks = apply_chain(chain_configs(cfg), backbone, TransformContext(stage="before_fit"))
+    datamodule = build_datamodule(cfg, backbone)
+    meta = run_meta(cfg, datamodule, backbone, records)
+    method = _method(cfg, backbone, meta, task)
+    method.meta = meta
+    method.bss = build_bss(cfg)
+    method.extra_callbacks = callbacks
+    return datamodule, method
+
+
+def apply_after_fit(cfg: DictConfig, method: Method, datamodule: Any) -> list[dict[str, Any]]:
+    """Apply the chain's ``after_fit`` links (compression) to a trained method; append their records to
+    ``method.meta["chain"]`` and return them."""
+    context = TransformContext(stage="after_fit", datamodule=datamodule)
+    records, _ = apply_chain(chain_configs(cfg), method, context)
+    method.meta = {**method.meta, "chain": [*method.meta["chain"], *records]}
+    return records
+
+
+def build_model(cfg: DictConfig, meta: dict[str, Any]) -> Method:
+    """The method of a run rebuilt from its config and checkpoint metadata, without any dataset.
+
+    The backbone is built from ``cfg.backbone`` (the caller switches pretrained-weight sources off when the
+    checkpoint holds every weight), the recorded chain is replayed around the method's construction, and the
+    head is sized from the stored class names. Weights are not loaded here.
+
+    Raises:
+        ValueError: ``meta`` lacks keys (a checkpoint from another dgkit version), naming them.
+    """
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint metadata lacks {missing} (written by another dgkit version?)")
+    backbone = instantiate(cfg.backbone)
+    replay_chain(meta["chain"], backbone, "before_fit")
+    method = _method(cfg, backbone, meta, instantiate(meta["task"]))
+    replay_chain(meta["chain"], method, "after_fit")
+    method.meta = meta
+    return method
+
+
+def build_trainer(cfg: DictConfig, out: Path, resolved: dict[str, Any], method: Method) -> pl.Trainer:
+    """The Lightning trainer: best checkpoint by training-domain validation, last checkpoint to resume from,
+    the results writer, an evaluation at the last step, and the config and metadata in every checkpoint."""
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(  # best by training-domain validation
+            dirpath=out / "checkpoints",
+            filename="best",
+            monitor=method.source_val_key,
+            mode="max",
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+            save_on_train_epoch_end=False,
+        ),
+        ModelCheckpoint(  # the latest evaluation, to resume from (Lightning's save_last only follows top-k saves)
+            dirpath=out / "checkpoints",
+            filename="last",
+            monitor=None,
+            enable_version_counter=False,
+            save_on_train_epoch_end=False,
+        ),
+        ResultsWriter(out / "results.jsonl", method.task.metric),
+        EvaluateAtLastStep(),
+        ConfigInCheckpoint(resolved),
+    ]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(RichProgressBar(leave=True))
+    logger_cfg = cfg.get("logger")
+    logger = instantiate(logger_cfg) if logger_cfg and logger_cfg.get("_target_") else False
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out))
+
+
+__all__ = [
+    "META_KEYS",
+    "apply_after_fit",
+    "build",
+    "build_bss",
+    "build_datamodule",
+    "build_model",
+    "build_task",
+    "build_trainer",
+    "run_meta",
+]

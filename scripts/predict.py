@@ -1,0 +1,46 @@
+"""Predict with a trained checkpoint on image files, with the preprocessing stored in the checkpoint.
+
+Usage::
+
+    python scripts/predict.py ckpt=outputs/runs/<run>/checkpoints/best.ckpt images=path/to/folder
+    python scripts/predict.py ckpt=... 'images=photos/*.png' out=preds.csv batch_size=32
+
+Writes ``predictions.csv`` (``path, class, probability``; default: next to the run folder's ``checkpoints/``)
+atomically. No dataset is needed: the checkpoint holds the class names and the preprocessing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dgkit.predict import predict_checkpoint  # noqa: E402
+
+USAGE = "usage: python scripts/predict.py ckpt=PATH images=DIR_OR_GLOB [out=predictions.csv] [batch_size=64]"
+KEYS = ("ckpt", "images", "out", "batch_size")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``key=value`` arguments, predict, print where the CSV went; return the exit status."""
+    args = OmegaConf.to_container(OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv)))
+    unknown = sorted(set(args) - set(KEYS))
+    if unknown or "ckpt" not in args or "images" not in args:
+        print(f"error: {'unknown keys ' + str(unknown) if unknown else 'ckpt= and images= are required'}\n{USAGE}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    out = Path(args.get("out") or Path(args["ckpt"]).resolve().parents[1] / "predictions.csv")
+    try:
+        path = predict_checkpoint(args["ckpt"], args["images"], out, int(args.get("batch_size", 64)))
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
