@@ -79,7 +79,9 @@ def _plain(value: Any) -> Any:
 
 
 def _method(cfg: DictConfig, backbone: nn.Module, meta: dict[str, Any], task: Task) -> Method:
-    return instantiate(cfg.method, _partial_=True)(
+    # _convert_="all": plain lists and dicts reach the method, so the hyper-parameters Lightning stores in every
+    # checkpoint hold no OmegaConf objects (weights_only loading accepts plain containers only)
+    return instantiate(cfg.method, _partial_=True, _convert_="all")(
         backbone=backbone,
         num_classes=len(meta["classes"]),
         domains=meta["domains"],

@@ -231,7 +231,8 @@ def test_chain_replays_a_structure_change_on_reload(tiny_cfg, tmp_path):
     _, best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt")
     _, reloaded = load_checkpoint(transformed)
     assert isinstance(reloaded.classifier, nn.Sequential)
-    assert [tuple(p.shape) for p in reloaded.classifier.parameters()] == [(2, 32), (3, 2), (3,)]
+    width = reloaded.backbone.num_features
+    assert [tuple(p.shape) for p in reloaded.classifier.parameters()] == [(2, width), (3, 2), (3,)]
 
     # independent reference: the best step's head truncated to rank 2 in float64
     x = _batch()
