@@ -61,7 +61,7 @@ def test_soma_run_resumes_reloads_merges_and_exports(tiny_cfg, tmp_path, monkeyp
     out = tmp_path / "run"
     assert len(calls) == 7 and [r["step"] for r in read_jsonl(out / "results.jsonl")] == [2, 4, 6]
 
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     group = ckpt["optimizer_states"][0]["param_groups"][0]
     assert group["initial_weight_decay"] == 0.05 and 1e-5 < group["weight_decay"] < 0.05  # annealed, resumable
 

@@ -278,5 +278,5 @@ def test_sharpness_fits_and_steps_its_scheduler(tiny_cfg, tmp_path):
     sched = "method.scheduler={_target_:torch.optim.lr_scheduler.StepLR,_partial_:true,step_size:1,gamma:0.5}"
     train(tiny_cfg("method=sharpness", sched))
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "results.jsonl")] == [2, 4]
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5**4)

@@ -99,7 +99,7 @@ def test_itta_adapts_only_the_mapping_and_falls_back_to_a_fixed_loss(caplog):
 def test_itta_training_step_updates_the_learned_loss(tiny_cfg, tmp_path):
     final = train(tiny_cfg("method=itta", "backbone=small_cnn_lite", "tta=itta", "threads=1"))
     assert final["tta"]["itta"]["sets"]["c"]["acc_tta"] >= 0.0
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     w = ckpt["state_dict"]["consistency.weight"]
     assert not torch.equal(w, torch.ones_like(w))  # the gradient-matching step moved the learned loss
     assert ckpt["global_step"] == 4  # two optimisers per batch, but max_steps counts batches
