@@ -38,7 +38,8 @@ def default_tag(cfg: DictConfig) -> str:
 
     The method's class name, ``-<variant>`` unless it is the method's default variant (``DANN-alt``), then
     ``+<AUGMENT>`` for every augmentation block with ``p > 0`` (``ERM+BSS``), then ``+<adapter class>`` unless
-    the backbone is fully fine-tuned (``DANN+SoMA``, ``ERM+Freeze``): e.g. ``DANN-alt+BSS+LoRA``. A linear probe
+    the backbone is fully fine-tuned (``DANN+SoMA``, ``ERM+Freeze``), then ``+<class>`` for each further link of
+    the transform chain (``transforms``: compression): e.g. ``DANN-alt+BSS+LoRA``. A linear probe
     is named after what it probes: ``Probe(random-init)``, ``Probe(<tag of the run that exported the
     weights>)``, ``Probe(<weights file stem>)`` or ``Probe(pretrained)`` (timm's weights).
 
@@ -54,6 +55,7 @@ def default_tag(cfg: DictConfig) -> str:
     adapter = _adapter_class(cfg)
     if adapter != FULL_FINE_TUNING:
         label += f"+{adapter}"
+    label += "".join(f"+{name}" for name in _transform_classes(cfg))
     return label
 
 
@@ -64,7 +66,8 @@ def algorithm_choices(cfg: DictConfig) -> dict[str, str]:
     ``:<variant>`` where the method has one), ``adapter`` (class; ``FullFineTuning`` when absent), ``augment``
     (sorted names of the blocks with ``p > 0``, comma-separated, or ``none``), ``backbone`` (class,
     ``:<name>`` where it has one) and ``init`` (where the backbone's weights come from: ``random-init``,
-    ``pretrained``, the tag of the run that exported them, or their file stem).
+    ``pretrained``, the tag of the run that exported them, or their file stem), ``task`` (the task's class) and
+    ``transforms`` (the classes of the transform chain's links after the adapter, comma-separated, or ``none``).
 
     Args:
         cfg: the composed training config, resolved or not.
@@ -79,6 +82,8 @@ def algorithm_choices(cfg: DictConfig) -> dict[str, str]:
         "augment": ",".join(_active_augments(cfg)) or "none",
         "backbone": f"{backbone}:{name}" if name is not None else backbone,
         "init": weights_label(cfg) or UNKNOWN,
+        "task": _class_name(_get(cfg, "task", "_target_")) or "Classification",
+        "transforms": ",".join(_transform_classes(cfg)) or "none",
     }
 
 
@@ -136,6 +141,12 @@ def _method_class(cfg: DictConfig) -> str:
 def _adapter_class(cfg: DictConfig) -> str:
     """The adapter's class name; ``FullFineTuning`` without an adapter group (what it amounts to)."""
     return _class_name(_get(cfg, "adapter", "_target_")) or FULL_FINE_TUNING
+
+
+def _transform_classes(cfg: DictConfig) -> list[str]:
+    """Class names of the transform chain's links listed in ``transforms`` (after the adapter), in order."""
+    links = _get(cfg, "transforms", default=None) or []
+    return [_class_name(link.get("_target_")) or UNKNOWN for link in links]
 
 
 def _variant(cfg: DictConfig) -> str | None:

@@ -89,6 +89,8 @@ def test_algorithm_choices():
         "augment": "bss",
         "backbone": "TimmBackbone:test_vit",
         "init": "random-init",
+        "task": "Classification",
+        "transforms": "none",
     }
     plain = algorithm_choices(compose_train("+exp=digits_erm"))
     assert plain == {
@@ -97,8 +99,17 @@ def test_algorithm_choices():
         "augment": "none",
         "backbone": "SmallCNN",
         "init": "random-init",
+        "task": "Classification",
+        "transforms": "none",
     }
     assert all(isinstance(v, str) for v in plain.values())  # run.json's contract: strings only
+
+
+def test_transform_links_join_the_tag_and_choices():
+    cfg = compose_train("+exp=digits_erm")
+    cfg.transforms = [{"_target_": "tests.test_foundation.LowRankHead", "rank": 2}]
+    assert default_tag(cfg) == "ERM+LowRankHead"
+    assert algorithm_choices(cfg)["transforms"] == "LowRankHead"
 
 
 def _run(path: str, hparams: str, choices: dict[str, str], tag: str = "ERM") -> Run:
