@@ -130,7 +130,7 @@ class DANN(Method):
         x, y = self.concat(batch)  # (B, C, H, W), (B,)
         x, y, domain = self.with_bss_copy(x, y, self.domain_labels(batch))  # B or 2B rows (+augment=bss)
         z = self.backbone(x)  # (B, D)
-        ce = F.cross_entropy(self.classifier(z), y)
+        ce = self.task.loss(self.classifier(z), y)
         if self.variant == "grl":
             lam = adaptation_factor(self.progress(), self.lambda_max, self.gamma)
             disc, acc = self._discriminate(grad_reverse(z, lam), domain)
@@ -168,7 +168,7 @@ class DANN(Method):
         x, y, domain = self.with_bss_copy(*self.concat(batch), self.domain_labels(batch))
         with torch.no_grad():
             z = self.backbone(x)  # (B, D)
-            ce = F.cross_entropy(self.classifier(z), y)
+            ce = self.task.loss(self.classifier(z), y)
         disc, acc = self._discriminate(z.requires_grad_(self.grad_penalty > 0), domain)
         return {"loss": ce - self.lambda_max * disc.detach(), "ce": ce, "disc": disc, "disc_acc": acc}
 

@@ -13,7 +13,6 @@ import copy
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dgkit.adapters import merge
@@ -89,7 +88,7 @@ class DRM(Method):
         domain_ce, shared_ce = z.new_zeros(()), z.new_zeros(())
         for domain, z_d, (_, y_d) in zip(batch, z.split(sizes), batch.values()):
             head = self.heads[self.source_domains.index(domain)]
-            domain_ce = domain_ce + F.cross_entropy(head(z_d), y_d)
-            shared_ce = shared_ce + F.cross_entropy(self.classifier(z_d), y_d)
+            domain_ce = domain_ce + self.task.loss(head(z_d), y_d)
+            shared_ce = shared_ce + self.task.loss(self.classifier(z_d), y_d)
         domain_ce, shared_ce = domain_ce / len(batch), shared_ce / len(batch)
         return {"loss": 0.5 * (domain_ce + shared_ce), "domain_ce": domain_ce, "shared_ce": shared_ce}

@@ -114,7 +114,7 @@ class ITTA(Method):
         """Step 1's loss: ``{"loss", "ce", "ce_aug", "consistency"}``."""
         x, y = self.concat(batch)
         z, z_aug = self.features_pair(x)
-        ce, ce_aug = F.cross_entropy(self.classifier(z), y), F.cross_entropy(self.classifier(z_aug), y)
+        ce, ce_aug = self.task.loss(self.classifier(z), y), self.task.loss(self.classifier(z_aug), y)
         reg = self.consistency(z_aug - z)
         return {"loss": ce + ce_aug + reg, "ce": ce, "ce_aug": ce_aug, "consistency": reg}
 
@@ -130,7 +130,7 @@ class ITTA(Method):
         params = [p for p in self.backbone.parameters() if p.requires_grad]
         x, y = self.concat(batch)
         z, z_aug = self.features_pair(x)
-        cls = F.cross_entropy(self.classifier(z), y) + F.cross_entropy(self.classifier(z_aug), y)
+        cls = self.task.loss(self.classifier(z), y) + self.task.loss(self.classifier(z_aug), y)
         g_cls = torch.autograd.grad(cls, params, retain_graph=True, allow_unused=True)
         g_reg = torch.autograd.grad(self.consistency(z_aug - z), params, create_graph=True, allow_unused=True)
         pairs = [(a, b) for a, b in zip(g_reg, g_cls) if a is not None and b is not None]

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dgkit.methods.base import Method
@@ -65,4 +64,4 @@ class LinearProbe(Method):
         x, y = self.with_bss_copy(*self.concat(batch))  # (B, C, H, W), (B,)
         with torch.no_grad():
             features = self.backbone(x)  # (B, num_features)
-        return {"loss": F.cross_entropy(self.classifier(features), y)}
+        return {"loss": self.task.loss(self.classifier(features), y)}

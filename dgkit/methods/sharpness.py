@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
@@ -165,7 +164,7 @@ class Sharpness(Method):
     def training_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         """``{"loss": CE}`` at the current parameters: the loss whose gradient defines ``ε``."""
         x, y = self.with_bss_copy(*self.concat(batch))
-        return {"loss": F.cross_entropy(self(x), y)}
+        return {"loss": self.task.loss(self(x), y)}
 
     def training_step(self, batch: Batch, batch_idx: int) -> None:
         """One SAM update: gradient at ``θ``, ε, gradient at ``θ + ε`` (BN stats frozen), restore, step."""
@@ -173,7 +172,7 @@ class Sharpness(Method):
         x, y = self.with_bss_copy(*self.concat(batch))  # (B or 2B, C, H, W): + BSS copy under +augment=bss
         params = self.trainable_parameters()
         opt.zero_grad()
-        ce = F.cross_entropy(self(x), y)  # the step's only BN running-statistics update
+        ce = self.task.loss(self(x), y)  # the step's only BN running-statistics update
         self.manual_backward(ce)
         sharp = self.sharpness_backward(x, y, [p.grad for p in params])
         opt.step()
@@ -185,7 +184,7 @@ class Sharpness(Method):
     ) -> torch.Tensor:
         """Set ``p.grad`` to ``∇_θ CE(θ + ε)`` on ``(x, y)``, ``ε`` from ``grads`` (at ``θ``); return ``CE(θ + ε)``."""
         return sharpness_gradient(
-            self, self.trainable_parameters(), grads, self.rho, lambda: F.cross_entropy(self(x), y),
+            self, self.trainable_parameters(), grads, self.rho, lambda: self.task.loss(self(x), y),
             self.manual_backward,
         )  # fmt: skip
 

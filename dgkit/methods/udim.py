@@ -222,7 +222,7 @@ class UDIM(Sharpness):
         params = self.trainable_parameters()
         x_in = x.detach().requires_grad_(True)
         with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no double backward
-            loss = F.cross_entropy(self(x_in), y)
+            loss = self.task.loss(self(x_in), y)
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         phi = loss + self.rho * global_norm(grads)
         (x_grad,) = torch.autograd.grad(phi, x_in)  # (B, C, H, W)
