@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from dgkit.data.benchmark import ArrayDataset, Benchmark
+from dgkit.data.embedded import digits_dg as _digits_dg
+from dgkit.data.embedded import rotated_digits as _rotated_digits
+from dgkit.data.embedded import synthetic as _synthetic
 from dgkit.data.folder import folder_benchmark
 
 DIGIT_CLASSES = [str(i) for i in range(10)]
@@ -21,22 +24,16 @@ def _from_arrays(name: str, arrays: dict, classes: list[str]) -> Benchmark:
 
 def digits_dg(root: str | Path = "datasets", n_per_domain: int = 1797, seed: int = 0) -> Benchmark:
     """Four digit styles (ink, photo, font, street), generated offline into ``root/digits_dg``."""
-    from dgkit.data.embedded import digits_dg as _digits_dg
-
     return _from_arrays("digits_dg", _digits_dg.load(root, n_per_domain=n_per_domain, seed=seed), DIGIT_CLASSES)
 
 
 def rotated_digits(root: str | Path = "datasets", seed: int = 0) -> Benchmark:
     """RotatedMNIST protocol on scikit-learn's digits (0-75 degrees), generated into ``root/rotated_digits``."""
-    from dgkit.data.embedded import rotated_digits as _rotated_digits
-
     return _from_arrays("rotated_digits", _rotated_digits.load(root, seed=seed), DIGIT_CLASSES)
 
 
 def synthetic(n_per_domain: int = 48, size: int = 16, num_classes: int = 3, seed: int = 0) -> Benchmark:
     """A tiny in-memory 3-domain benchmark for tests."""
-    from dgkit.data.embedded import synthetic as _synthetic
-
     arrays = _synthetic.generate(n_per_domain=n_per_domain, size=size, num_classes=num_classes, seed=seed)
     return _from_arrays("synthetic", arrays, [f"c{i}" for i in range(num_classes)])
 
