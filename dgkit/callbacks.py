@@ -4,6 +4,9 @@
   any DomainBed selection rule can be applied afterwards.
 - :class:`EvaluateAtLastStep`: an evaluation at the final step too (DomainBed evaluates at the last step,
   which the test-domain oracle reads), even when ``max_steps`` is not a multiple of the interval.
+- :class:`RandomStateInCheckpoint`: the global random generators' states (torch, NumPy, Python) in every
+  checkpoint, restored at the first training step after a resume, so a resumed run draws what the
+  uninterrupted run drew (dropout, BSS, MixStyle...).
 - :class:`ConfigInCheckpoint`: the resolved config and the run's metadata (task, classes, domains, held-out
   domains, preprocessing, transform-chain records) inside every checkpoint, so a checkpoint is rebuilt by
   instantiating its config, without its dataset and never by unpickling modules.
@@ -11,10 +14,13 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
 
 from dgkit.utils.io import atomic_write_jsonl, read_jsonl
 
@@ -75,3 +81,43 @@ class ConfigInCheckpoint(pl.Callback):
         """Add the config and the metadata to the checkpoint dict."""
         checkpoint[CONFIG_KEY] = self.config
         checkpoint[META_KEY] = pl_module.meta
+
+
+class RandomStateInCheckpoint(pl.Callback):
+    """Save the torch, NumPy and Python random states with every checkpoint; restore them on resume.
+
+    They are restored just before the first training step after loading, not when the checkpoint is read:
+    between those two moments Lightning builds data loaders, which draw from the global generator, and the
+    uninterrupted run did not. The states are stored as tensors and plain ints (``weights_only`` loading).
+    """
+
+    KEY = "dgkit_random_state"
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Store the current states."""
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        checkpoint[self.KEY] = {
+            "torch": torch.get_rng_state(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)},
+            "python": random.getstate(),
+        }  # fmt: skip
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Keep the stored states until the first training step."""
+        self._pending = checkpoint.get(self.KEY)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        """Restore the stored states once, right before the first step after a resume."""
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        torch.set_rng_state(state["torch"])
+        n = state["numpy"]
+        keys = n["keys"].numpy().astype(np.uint32)
+        np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))

@@ -67,6 +67,10 @@ class ModelTransform:
         """Training callbacks the link needs (e.g. SoMA's annealed weight decay)."""
         return []
 
+    def step_budget_dependence(self) -> list[str]:
+        """What in this link depends on ``trainer.max_steps`` (e.g. a schedule over the run); empty: nothing."""
+        return []
+
 
 def chain_configs(cfg: Any) -> list[dict[str, Any]]:
     """The chain's link configs in order: ``adapter`` (when set) then ``transforms``."""
@@ -123,6 +127,11 @@ def replay_chain(records: Sequence[dict[str, Any]], model: nn.Module, stage: str
         if record["stage"] == stage:
             link = _link(record["config"])
             link.replay(_target(model, link), record.get("state") or {})
+
+
+def chain_budget_dependence(configs: Sequence[dict[str, Any]]) -> list[str]:
+    """Every link's :meth:`ModelTransform.step_budget_dependence`, in order."""
+    return [reason for c in configs for reason in _link(c).step_budget_dependence()]
 
 
 def chain_stages(configs: Sequence[dict[str, Any]]) -> list[str]:

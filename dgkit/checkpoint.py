@@ -50,11 +50,55 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+DATA_LOCATIONS = ("data.root", "paths.datasets")
+
+
+def relocate_data(cfg: DictConfig, key: str, new: str | Path) -> None:
+    """Point ``cfg`` at data that moved: ``key`` (``data.root`` or ``paths.datasets``) becomes ``new``, and every
+    string under ``cfg.data`` that began with the old value is rebased onto it (checkpoints store resolved paths).
+
+    Raises:
+        FileNotFoundError: ``new`` does not exist.
+    """
+    new = Path(new).expanduser()
+    if not new.exists():
+        raise FileNotFoundError(f"{key}={new}: no such folder")
+    old = OmegaConf.select(cfg, key)
+    OmegaConf.update(cfg, key, str(new), force_add=True)
+    if not old or "data" not in cfg:
+        return
+    old = str(old).rstrip("/")
+    data = OmegaConf.to_container(cfg.data, resolve=False)
+    cfg.data = _rebase(data, old, str(new))
+
+
+def _rebase(value: Any, old: str, new: str) -> Any:
+    """``value`` with every string equal to ``old`` or under ``old/`` moved under ``new``."""
+    if isinstance(value, dict):
+        return {k: _rebase(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rebase(v, old, new) for v in value]
+    if isinstance(value, str) and (value == old or value.startswith(old + "/")):
+        return new + value[len(old) :]
+    return value
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be read (truncated, corrupt, not dgkit's), or ``None`` when it can."""
+    try:
+        read_checkpoint(path)
+    except (FileNotFoundError, ValueError) as err:
+        return str(err)
+    return None
+
+
 def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[DictConfig, Method]:
     """``(config, method)`` rebuilt from a dgkit checkpoint, weights loaded, method in eval mode, no dataset read.
 
     Pretrained-weight sources (``backbone.weights``, ``backbone.pretrained``) are switched off: the checkpoint
-    holds every weight. ``overrides`` (dotted keys) change the stored config, e.g. ``{"data.root": ...}``.
+    holds every weight. ``overrides`` (dotted keys) change the stored config. The data locations
+    ``data.root`` and ``paths.datasets`` relocate the data: every path of the stored (resolved) config that lay
+    under the old location is moved under the new one, which must exist.
     Checkpoints written before the metadata existed are rebuilt through their dataset (with a warning).
 
     Raises:
@@ -69,7 +113,10 @@ def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -
             if key in cfg.backbone:
                 cfg.backbone[key] = value
     for key, value in (overrides or {}).items():
-        OmegaConf.update(cfg, key, value, force_add=True)
+        if key in DATA_LOCATIONS:
+            relocate_data(cfg, key, value)
+        else:
+            OmegaConf.update(cfg, key, value, force_add=True)
     meta = ckpt.get(META_KEY) or _legacy_meta(cfg, path)
     method = build_model(cfg, meta)
     _load_weights(method, ckpt["state_dict"], path)

@@ -6,6 +6,7 @@
 - :func:`build_model` (reloading, prediction, export): the same model from a config and that metadata alone,
   with no dataset: the chain is replayed from its records, so the structure fits the checkpoint's weights.
 - :func:`build_datamodule`: the benchmark, for code that evaluates a rebuilt model on it (TTA).
+- :func:`data_identity`: the held-out domains and data fingerprint, for the run folder's identity.
 - :func:`build_trainer`: the Lightning trainer with dgkit's callbacks.
 """
 
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from torch import nn
 
-from dgkit.callbacks import ConfigInCheckpoint, EvaluateAtLastStep, ResultsWriter
+from dgkit.callbacks import ConfigInCheckpoint, EvaluateAtLastStep, RandomStateInCheckpoint, ResultsWriter
 from dgkit.chain import TransformContext, apply_chain, chain_configs, replay_chain
 from dgkit.data.style import BatchStylesStandardization
 from dgkit.methods.base import Method
@@ -52,6 +53,19 @@ def build_datamodule(cfg: DictConfig, backbone: nn.Module) -> pl.LightningDataMo
     as many times as the method's ``train_views`` (SSL: 2)."""
     views = getattr(get_class(cfg.method._target_), "train_views", 1)
     return instantiate(cfg.data, _partial_=True)(data_config=backbone.data_config, split_seed=cfg.seed, views=views)
+
+
+def data_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The data part of a run's identity: the resolved held-out domains and the benchmark's fingerprint.
+
+    Built without image verification (cheap enough to decide whether a folder's run can be skipped or resumed).
+    """
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    for block in (data, data.get("benchmark") or {}):
+        if "verify" in block:
+            block["verify"] = False
+    datamodule = instantiate(data, _partial_=True)(data_config=None, split_seed=cfg.seed)
+    return {"test_domains": list(datamodule.test_domains), "data_fingerprint": datamodule.benchmark.fingerprint}
 
 
 def run_meta(cfg: DictConfig, datamodule: Any, backbone: nn.Module, chain: list[dict[str, Any]]) -> dict[str, Any]:
@@ -163,6 +177,7 @@ def build_trainer(cfg: DictConfig, out: Path, resolved: dict[str, Any], method: 
         ),
         ResultsWriter(out / "results.jsonl", method.task.metric),
         EvaluateAtLastStep(),
+        RandomStateInCheckpoint(),
         ConfigInCheckpoint(resolved),
     ]
     if cfg.trainer.get("enable_progress_bar", True):
@@ -181,5 +196,6 @@ __all__ = [
     "build_model",
     "build_task",
     "build_trainer",
+    "data_identity",
     "run_meta",
 ]

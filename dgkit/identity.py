@@ -20,8 +20,12 @@ TRAINER_RUN_KEYS = ("devices", "accelerator", "enable_progress_bar", "log_every_
 _DEFAULT_TASK = "dgkit.tasks.Classification"
 
 
-def hparams_id(cfg: DictConfig) -> str:
+def hparams_id(cfg: DictConfig, budget: bool = True) -> str:
     """A short id of everything that defines the learning problem except seed and held-out domains.
+
+    With ``budget=False`` the step budget (``trainer.max_steps``) is left out too: that id is the run folder's
+    identity, so a finished run can be extended to more steps (see :mod:`dgkit.runfolder`), while result
+    collection groups by the full id.
 
     Hashed before interpolations are resolved, so where the data lives (``paths``, ``data.root`` and what
     interpolates them) does not make the same configuration a second hyper-parameter candidate. Defaults that
@@ -33,7 +37,7 @@ def hparams_id(cfg: DictConfig) -> str:
         c.pop(key, None)
     for key in DATA_RUN_KEYS:
         c.get("data", {}).pop(key, None)
-    for key in TRAINER_RUN_KEYS:
+    for key in TRAINER_RUN_KEYS + (() if budget else ("max_steps",)):
         c.get("trainer", {}).pop(key, None)
     augment = c.get("augment") or {}
     for key in [k for k, block in augment.items() if isinstance(block, dict) and block.get("p") == 0]:

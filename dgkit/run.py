@@ -23,9 +23,9 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dgkit.chain import chain_configs, chain_stages
-from dgkit.checkpoint import read_checkpoint, save_model_checkpoint
-from dgkit.compose import apply_after_fit, build, build_trainer
+from dgkit.chain import chain_budget_dependence, chain_configs, chain_stages
+from dgkit.checkpoint import checkpoint_problem, read_checkpoint, save_model_checkpoint
+from dgkit.compose import apply_after_fit, build, build_trainer, data_identity
 from dgkit.export import export_backbone
 from dgkit.identity import hparams_id
 from dgkit.labels import algorithm_choices, default_tag
@@ -45,10 +45,36 @@ warnings.filterwarnings("ignore", ".*resuming from a checkpoint that ended befor
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train one run as configured and return its ``final.json`` content."""
+    """Train one run as configured and return its ``final.json`` content.
+
+    The run folder is locked for the whole call. A finished run of the same identity is skipped (its summary is
+    printed), or extended when ``trainer.max_steps`` grew; an interrupted one resumes exactly.
+    """
     folder = RunFolder(cfg.output_dir, cfg.get("resume", "auto"))
-    folder.prepare({"hparams": hparams_id(cfg), "seed": int(cfg.seed)})
-    if folder.finished:
+    with folder.lock():
+        return _train(cfg, folder)
+
+
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """What must match for a run folder to be resumed or skipped into (:data:`dgkit.runfolder.IDENTITY_KEYS`),
+    plus the full hyper-parameter id (compared for folders written before the identity existed)."""
+    trainer = cfg.trainer
+    return {
+        "config": hparams_id(cfg, budget=False),
+        "hparams": hparams_id(cfg),
+        "seed": int(cfg.seed),
+        **data_identity(cfg),
+        "devices": f"{trainer.get('devices', 'auto')}x{trainer.get('num_nodes', 1)}",
+    }
+
+
+def _train(cfg: DictConfig, folder: RunFolder) -> dict[str, Any]:
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    identity = run_identity(cfg)
+    folder.prepare(identity)
+    previous, max_steps = folder.previous(), int(cfg.trainer.max_steps)
+    if folder.finished and previous.get("max_steps", max_steps) == max_steps:
         log.info("%s is already finished (done marker); pass resume=false to train it again", folder.path)
         final = folder.read_final()
         if cfg.get("print_summary", True):
@@ -56,24 +82,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if _tta_requested(cfg) and _tta_requested(cfg) not in final.get("tta", {}):
             final = _with_tta(cfg, folder, final)
         return final
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, method = build(cfg)
+    if folder.claimed and folder.mode != "false":
+        _check_budget(cfg, folder, previous, max_steps, method)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_info = {
         "dataset": datamodule.name,
         "domains": datamodule.domains,
-        "test_domains": datamodule.test_domains,
-        "seed": int(cfg.seed),
+        **identity,
         "tag": cfg.get("tag") or default_tag(cfg),
-        "hparams": hparams_id(cfg),
+        "max_steps": max_steps,
         "metric": method.task.metric,
         "metric_name": method.task.metric_name,
         "choices": algorithm_choices(cfg),
+        "skipped_images": len(datamodule.benchmark.skipped),
     }
     folder.write_start(OmegaConf.to_yaml(resolved), run_info)
-    ckpt_path = folder.resume_checkpoint()
+    ckpt_path = folder.resume_checkpoint(checkpoint_problem)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     trainer = build_trainer(cfg, folder.path, resolved, method)
@@ -99,6 +125,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         final = _with_tta(cfg, folder, final)
     folder.mark_done()
     return final
+
+
+def _check_budget(cfg: DictConfig, folder: RunFolder, previous: dict[str, Any], max_steps: int, method) -> None:
+    """A claimed folder trained under another ``trainer.max_steps``: allow continuing to a larger budget when
+    nothing depends on it (reopening a finished run), refuse otherwise with what depends on it."""
+    before = previous.get("max_steps")
+    if before is None or before == max_steps:
+        return
+    where = f"{folder.path} holds a run of trainer.max_steps={before}; this command asks for {max_steps}."
+    fix = "Choose another output folder, or pass resume=false to train it again from scratch."
+    if max_steps < before:
+        raise ValueError(f"{where} A run cannot be shortened after the fact. {fix}")
+    reasons = method.step_budget_dependence() + chain_budget_dependence(chain_configs(cfg))
+    if reasons:
+        raise ValueError(
+            f"{where} It cannot be extended honestly: {'; '.join(reasons)} depend(s) on the step budget, so its "
+            f"first {before} steps followed another schedule. {fix}"
+        )
+    log.info("extending %s from %d to %d steps", folder.path, before, max_steps)
+    folder.reopen()
 
 
 def _after_fit(cfg: DictConfig, folder: RunFolder, resolved: dict[str, Any], method, datamodule) -> str | None:

@@ -5,6 +5,7 @@ Usage::
     python scripts/evaluate.py ckpt=outputs/runs/<run>/checkpoints/best.ckpt tta=adanpc
     python scripts/evaluate.py ckpt=... tta=tent tta.reset=per_batch tta.batch_size=32 corrupt=digits_c
     python scripts/evaluate.py ckpt=... tta=t3a 'domains=[ink,photo,font]' split=out   # on source validation
+    python scripts/evaluate.py ckpt=... tta=tent data.root=/new/place/PACS   # the benchmark moved since training
 
 Prints accuracy with and without the TTA and the time per image of each, and writes them (atomically) to
 ``<run folder>/tta/<tta>_bs<batch size>.json`` unless ``out=`` says otherwise.
@@ -37,7 +38,8 @@ def main(cfg: DictConfig) -> None:
     out = Path(cfg.out) if cfg.out else None
     result, path = run_tta(
         cfg.ckpt, tta, OmegaConf.to_container(cfg.tta), domains=cfg.domains, split=cfg.split, seed=int(cfg.seed),
-        corrupt=OmegaConf.to_container(cfg.corrupt), data_root=cfg.data_root, out=out,
+        corrupt=OmegaConf.to_container(cfg.corrupt), out=out,
+        data_paths={"data.root": cfg.data.root, "paths.datasets": cfg.paths.datasets},
     )  # fmt: skip
     print(format_result(result))
     print(f"wrote {path}")

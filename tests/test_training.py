@@ -63,7 +63,7 @@ def test_resume_continues_from_last_checkpoint(tiny_cfg, tmp_path, monkeypatch):
 def test_changed_config_is_not_resumed(tiny_cfg, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(tiny_cfg())
-    with pytest.raises(ValueError, match="other hparams.*resume=false"):
+    with pytest.raises(ValueError, match="holds another run .config: .*resume=false"):
         train(tiny_cfg("method.optimizer.lr=0.5"))
     calls = []
     real = ERM.training_losses

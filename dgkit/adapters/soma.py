@@ -134,3 +134,7 @@ class SoMA(Adapter):
     def callbacks(self) -> list[pl.Callback]:
         """The annealed weight decay."""
         return [AnnealedWeightDecay(self.wd_min)]
+
+    def step_budget_dependence(self) -> list[str]:
+        """The weight-decay annealing runs over ``max_steps``."""
+        return ["SoMA's annealed weight decay (cosine over max_steps)"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -27,12 +27,17 @@ class Benchmark:
         domains: domain names in their canonical order.
         classes: class names; label ``i`` is ``classes[i]``.
         datasets: ``{domain: Dataset of (uint8 HWC image, int label)}``.
+        fingerprint: a short hash of the data (files and sizes, or array checksums): part of a run's identity,
+            so a run folder is never resumed with other data; ``None`` when the benchmark cannot tell.
+        skipped: files left out as unreadable (``data.on_bad_image=skip``).
     """
 
     name: str
     domains: list[str]
     classes: list[str]
     datasets: dict[str, Dataset]
+    fingerprint: str | None = None
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from dgkit.data.benchmark import ArrayDataset, Benchmark
 from dgkit.data.embedded import digits_dg as _digits_dg
 from dgkit.data.embedded import rotated_digits as _rotated_digits
 from dgkit.data.embedded import synthetic as _synthetic
+from dgkit.data.embedded.cache import array_checksum
 from dgkit.data.folder import folder_benchmark
 
 DIGIT_CLASSES = [str(i) for i in range(10)]
 
 
 def _from_arrays(name: str, arrays: dict, classes: list[str]) -> Benchmark:
+    checksums = "".join(f"{d}:{array_checksum(images, labels)};" for d, (images, labels) in arrays.items())
     return Benchmark(
         name=name,
         domains=list(arrays),
         classes=classes,
         datasets={d: ArrayDataset(images, labels) for d, (images, labels) in arrays.items()},
+        fingerprint=hashlib.sha1(checksums.encode()).hexdigest()[:16],
     )
 
 
@@ -38,6 +42,13 @@ def synthetic(n_per_domain: int = 48, size: int = 16, num_classes: int = 3, seed
     return _from_arrays("synthetic", arrays, [f"c{i}" for i in range(num_classes)])
 
 
-def folder(root: str | Path, domains: list[str] | None = None, name: str = "folder") -> Benchmark:
-    """A ``root/<domain>/<class>/<image>`` tree (PACS, VLCS, OfficeHome, TerraIncognita, DomainNet, your own)."""
-    return folder_benchmark(root, domains=domains, name=name)
+def folder(
+    root: str | Path,
+    domains: list[str] | None = None,
+    name: str = "folder",
+    verify: bool = True,
+    on_bad_image: str = "error",
+) -> Benchmark:
+    """A ``root/<domain>/<class>/<image>`` tree (PACS, VLCS, OfficeHome, TerraIncognita, DomainNet, your own);
+    ``verify`` checks every image header first (``on_bad_image``: ``error`` or ``skip``)."""
+    return folder_benchmark(root, domains=domains, name=name, verify=verify, on_bad_image=on_bad_image)

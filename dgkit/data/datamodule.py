@@ -1,8 +1,14 @@
 """The DataModule: per-domain training batches, every domain's in/out split for evaluation.
 
 Training yields ``{domain: (x, y)}`` with one batch from every source domain per step (Lightning's
-``CombinedLoader`` in ``max_size_cycle`` mode), so every method sees domain labels; ``batch_size`` is per
-domain. Validation yields, in :func:`eval_splits` order, the ``in`` and ``out`` split of every domain,
+``CombinedLoader``), so every method sees domain labels; ``batch_size`` is per domain.
+
+Training is reproducible and resumes exactly. Each source domain's images come from an endless stream
+(:class:`DomainStream`): pass ``e`` over the domain is a permutation seeded by ``(seed, domain, e)``, and the
+``k``-th image of the stream is augmented by a generator seeded by ``(seed, domain, k, view)``, in the main
+process and in workers alike. Step ``s`` takes stream positions ``[s·B, (s+1)·B)``, so a run resumed at step
+``s`` (``trainer.global_step`` restored from the checkpoint) draws exactly the batches and augmentations the
+uninterrupted run drew. Validation yields, in :func:`eval_splits` order, the ``in`` and ``out`` split of every domain,
 sources and held-out ones alike, so any selection rule can be applied after training.
 
 Self-supervised methods ask for ``views`` > 1: each training image then comes as ``views`` independent draws
@@ -12,38 +18,77 @@ only ``k`` training images per class and source domain (few-label linear probes)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
 from dgkit.backbones.base import DataConfig
 from dgkit.data.benchmark import Benchmark, eval_splits, resolve_test_domains, seed_hash, split_indices
 from dgkit.data.transforms import build_transform
 
 
+class DomainStream(Sampler):
+    """An endless, seeded stream of ``(index, draw)`` keys over one domain's ``n`` training images.
+
+    Pass ``e`` over the images follows ``RandomState(seed_hash(seed, domain, "pass", e)).permutation(n)``;
+    ``draw`` is the key's position in the stream, which seeds its augmentation. ``start`` skips the first keys
+    (a resumed run starts where the interrupted one stopped).
+    """
+
+    def __init__(self, n: int, seed: int, domain: str, start: int = 0) -> None:
+        if n < 1:
+            raise ValueError(f"domain {domain!r} has no training images")
+        self.n, self.seed, self.domain, self.start = n, seed, domain, start
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The image order of pass ``epoch``."""
+        return np.random.RandomState(seed_hash(self.seed, self.domain, "pass", epoch)).permutation(self.n)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        draw = self.start
+        epoch, position = divmod(draw, self.n)
+        order = self.permutation(epoch)
+        while True:
+            yield int(order[position]), draw
+            draw, position = draw + 1, position + 1
+            if position == self.n:
+                epoch, position = epoch + 1, 0
+                order = self.permutation(epoch)
+
+
 class TransformedDataset(Dataset):
     """Applies an albumentations pipeline to ``(uint8 image, label)`` items.
 
-    With ``views`` > 1 the image is transformed ``views`` times independently and stacked ``(V, C, H, W)``.
+    Indexed by an int (evaluation: deterministic pipelines) or by a :class:`DomainStream` key ``(index, draw)``:
+    then every random transform draws from generators seeded by ``(seed, domain, draw, view)``. With ``views`` > 1
+    the image is transformed ``views`` times independently and stacked ``(V, C, H, W)``.
     """
 
-    def __init__(self, dataset: Dataset, transform, views: int = 1) -> None:
+    def __init__(self, dataset: Dataset, transform, views: int = 1, seed: int = 0, domain: str = "") -> None:
         self.dataset = dataset
         self.transform = transform
         self.views = views
+        self.seed, self.domain = seed, domain
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        i, draw = key if isinstance(key, tuple) else (key, None)
         image, label = self.dataset[i]
-        if self.views == 1:
-            return self.transform(image=image)["image"], label
-        return torch.stack([self.transform(image=image)["image"] for _ in range(self.views)]), label
+        views = [self._apply(image, draw, v) for v in range(self.views)]
+        return (views[0] if self.views == 1 else torch.stack(views)), label
+
+    def _apply(self, image: np.ndarray, draw: int | None, view: int) -> torch.Tensor:
+        if draw is not None:
+            s = seed_hash(self.seed, self.domain, draw, view)
+            self.transform.set_random_state(np.random.default_rng(s), random.Random(s))
+        return self.transform(image=image)["image"]
 
 
 def _collate_views(items: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +144,9 @@ class DGDataModule(pl.LightningDataModule):
             the method's ``train_views``).
         labels_per_class: keep only this many training images per class and source domain (``None``: all),
             drawn with a seed keyed on ``(split_seed, domain)``; every class of the benchmark must have as many.
+        verify: whether the benchmark checked its image files at setup (``data.verify``; the folder presets pass
+            it to their benchmark factory, which does the checking).
+        on_bad_image: ``error`` or ``skip`` (``data.on_bad_image``, likewise passed to the factory).
     """
 
     def __init__(
@@ -117,6 +165,8 @@ class DGDataModule(pl.LightningDataModule):
         augment: str = "none",
         views: int = 1,
         labels_per_class: int | None = None,
+        verify: bool = False,
+        on_bad_image: str = "error",
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -126,6 +176,7 @@ class DGDataModule(pl.LightningDataModule):
         if labels_per_class is not None and labels_per_class < 1:
             raise ValueError(f"data.labels_per_class={labels_per_class} must be >= 1 (or null for every label)")
         self.benchmark = benchmark
+        self.verify, self.on_bad_image = verify, on_bad_image
         self.name = name or benchmark.name
         self.root = root
         self.domains = list(benchmark.domains)
@@ -135,6 +186,7 @@ class DGDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.augment = num_workers, augment
         self.views, self.labels_per_class = views, labels_per_class
+        self.split_seed = split_seed
         build_transform(self.data_config, augment, train=True)  # validate the policy name now
         self.splits: dict[tuple[str, str], np.ndarray] = {}
         for d in self.domains:
@@ -170,18 +222,17 @@ class DGDataModule(pl.LightningDataModule):
         return TransformedDataset(subset, transform)
 
     def train_split(self, domain: str) -> Dataset:
-        """A source domain's training images (its ``in`` split, or ``labels_per_class`` of it), ``views`` each."""
+        """A source domain's training images (its ``in`` split, or ``labels_per_class`` of it), ``views`` each,
+        augmented with per-image seeds (index it with :class:`DomainStream` keys)."""
         transform = build_transform(self.data_config, self.augment, train=True)
         subset = Subset(self.benchmark.datasets[domain], self.train_indices[domain].tolist())
-        return TransformedDataset(subset, transform, views=self.views)
+        return TransformedDataset(subset, transform, views=self.views, seed=self.split_seed, domain=domain)
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        batch = self.batch_size if train else self.eval_batch_size
+    def _loader(self, dataset: Dataset, train: bool, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=batch,
-            shuffle=train,
-            drop_last=train and len(dataset) > batch,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=train and self.num_workers > 0,  # evaluation workers are not kept between runs
             pin_memory=False,
@@ -189,9 +240,18 @@ class DGDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> CombinedLoader:
-        """One loader per source domain (:meth:`train_split`), combined so each step has a batch from each."""
-        loaders = {d: self._loader(self.train_split(d), train=True) for d in self.source_domains}
+        """One endless loader per source domain (:meth:`train_split` in :class:`DomainStream` order), combined so
+        each step has a batch from each; a resumed run starts at its restored step's stream position."""
+        step = self.trainer.global_step if self.trainer is not None else 0
+        loaders = {
+            d: self._loader(self.train_split(d), True, self.stream(d, start=step * self.batch_size))
+            for d in self.source_domains
+        }
         return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def stream(self, domain: str, start: int = 0) -> DomainStream:
+        """The training stream of a source domain, from position ``start``."""
+        return DomainStream(len(self.train_indices[domain]), self.split_seed, domain, start)
 
     def val_dataloader(self) -> list[DataLoader]:
         """The ``in`` and ``out`` split of every domain, in :attr:`eval_names` order."""

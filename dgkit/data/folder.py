@@ -2,13 +2,21 @@
 OfficeHome, TerraIncognita and DomainNet (see ``datasets/README.md``).
 
 Domains and classes are discovered from the folders (sorted) unless the preset names the domains. Every
-problem is reported before training starts, with the path and the expected tree; an unreadable image is
-reported with its file name when it is loaded.
+problem is reported before training starts, with the path and the expected tree. With ``verify`` (the folder
+presets' default, ``data.verify``) every image header is checked at setup, in parallel, and every bad file is
+listed at once; ``on_bad_image=skip`` (``data.on_bad_image``) leaves them out instead (they are logged and
+counted in ``run.json``). Without it, an unreadable image is reported with its file name when it is loaded.
+
+The benchmark's fingerprint is a hash of the sorted relative file paths and sizes: a run folder is never
+resumed or skipped into with other data, while a moved copy of the same tree keeps its runs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +25,9 @@ from torch.utils.data import Dataset
 
 from dgkit.data.benchmark import Benchmark
 
+log = logging.getLogger(__name__)
+
+BAD_IMAGE_POLICIES = ("error", "skip")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 EXPECTED_TREE = """expected layout:
@@ -57,6 +68,23 @@ def read_image(path: str | Path) -> np.ndarray:
         raise RuntimeError(f"cannot read image {path}: {e}") from e
 
 
+def image_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable image (its header, checked without decoding the pixels), or ``None``."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as e:  # noqa: BLE001 (PIL raises many types for broken files; each is a bad image)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def find_bad_images(files: Sequence[Path], workers: int = 8) -> list[tuple[Path, str]]:
+    """Every unreadable image among ``files`` with the reason, in order (headers checked in parallel threads)."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        problems = list(pool.map(image_problem, files))
+    return [(f, why) for f, why in zip(files, problems) if why is not None]
+
+
 def _tree_error(message: str, root: Path) -> FileNotFoundError:
     return FileNotFoundError(f"{message}\n{EXPECTED_TREE.format(root=root, ext=', '.join(IMAGE_EXTENSIONS))}")
 
@@ -77,14 +105,28 @@ def _check_classes(root: Path, per_domain: dict[str, list[str]]) -> list[str]:
     return classes
 
 
-def folder_benchmark(root: str | Path, domains: Sequence[str] | None = None, name: str = "folder") -> Benchmark:
+def folder_benchmark(
+    root: str | Path,
+    domains: Sequence[str] | None = None,
+    name: str = "folder",
+    verify: bool = False,
+    on_bad_image: str = "error",
+) -> Benchmark:
     """Read a ``root/<domain>/<class>/<image>`` tree.
 
     Args:
         root: the benchmark folder.
         domains: domain folder names in canonical order; ``None`` discovers them (sorted).
         name: benchmark name recorded with results.
+        verify: check every image header now (in parallel) rather than when it is first read.
+        on_bad_image: with ``verify``, ``error`` (list every bad file and stop) or ``skip`` (leave them out).
+
+    Raises:
+        FileNotFoundError: the tree does not have the expected layout (the layout is printed).
+        ValueError: bad images with ``on_bad_image=error`` (all listed), or an unknown policy.
     """
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"data.on_bad_image={on_bad_image!r}; choose one of {list(BAD_IMAGE_POLICIES)}")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise _tree_error(f"dataset {name!r}: no folder at {root.resolve()}", root)
@@ -98,15 +140,54 @@ def folder_benchmark(root: str | Path, domains: Sequence[str] | None = None, nam
     classes = _check_classes(root, {d: _subfolders(root / d) for d in domains})
     if not classes:
         raise _tree_error(f"dataset {name!r}: the domain folders under {root} hold no class folders", root)
-    datasets = {}
-    for d in domains:
-        files, labels = [], []
-        for label, c in enumerate(classes):
-            for f in sorted((root / d / c).iterdir()):
-                if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file():
-                    files.append(f)
-                    labels.append(label)
+    listing = {d: _list_images(root / d, classes) for d in domains}
+    for d, (files, _) in listing.items():
         if not files:
             raise _tree_error(f"dataset {name!r}: no image files under {root / d}", root)
-        datasets[d] = ImageFileDataset(files, labels)
-    return Benchmark(name=name, domains=domains, classes=classes, datasets=datasets)
+    skipped: list[str] = []
+    if verify:
+        bad = find_bad_images([f for files, _ in listing.values() for f in files])
+        if bad and on_bad_image == "error":
+            lines = "\n".join(f"  {f}: {why}" for f, why in bad)
+            raise ValueError(
+                f"dataset {name!r}: {len(bad)} unreadable image(s) under {root}:\n{lines}\n"
+                "remove or replace them, or pass data.on_bad_image=skip to train without them"
+            )
+        skipped = [str(f) for f, _ in bad]
+        for f, why in bad:
+            log.warning("skipping unreadable image %s (%s)", f, why)
+        listing = {d: _without(files, labels, set(skipped)) for d, (files, labels) in listing.items()}
+    datasets = {d: ImageFileDataset(files, labels) for d, (files, labels) in listing.items()}
+    return Benchmark(
+        name=name,
+        domains=domains,
+        classes=classes,
+        datasets=datasets,
+        fingerprint=_fingerprint(root, listing),
+        skipped=skipped,
+    )
+
+
+def _list_images(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    """The image files of one domain folder and their labels, classes in order, files sorted."""
+    files, labels = [], []
+    for label, c in enumerate(classes):
+        for f in sorted((folder / c).iterdir()):
+            if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file():
+                files.append(f)
+                labels.append(label)
+    return files, labels
+
+
+def _without(files: list[Path], labels: list[int], skipped: set[str]) -> tuple[list[Path], list[int]]:
+    kept = [(f, y) for f, y in zip(files, labels) if str(f) not in skipped]
+    return [f for f, _ in kept], [y for _, y in kept]
+
+
+def _fingerprint(root: Path, listing: dict[str, tuple[list[Path], list[int]]]) -> str:
+    """A hash of every used file's path relative to ``root``, its size and its label."""
+    digest = hashlib.sha1()
+    for files, labels in listing.values():
+        for f, y in zip(files, labels):
+            digest.update(f"{f.relative_to(root).as_posix()}\t{f.stat().st_size}\t{y}\n".encode())
+    return digest.hexdigest()[:16]

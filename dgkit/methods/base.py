@@ -198,6 +198,14 @@ class Method(pl.LightningModule):
         if source_out:
             self.log(self.source_val_key, torch.stack(source_out).mean(), prog_bar=True)
 
+    def step_budget_dependence(self) -> list[str]:
+        """What in this objective depends on ``trainer.max_steps`` (empty: nothing).
+
+        A run whose schedule depends on the step budget cannot honestly be extended to more steps, nor resumed
+        under another budget: its first part followed another schedule. Subclasses add their own reasons.
+        """
+        return ["the learning-rate scheduler (its horizon may be the step budget)"] if self.scheduler_factory else []
+
     # ---- deployment -----------------------------------------------------------------------------------
     def to_inference(self) -> nn.Module:
         """A plain module mapping a normalised image batch to the task's outputs, for prediction and export.

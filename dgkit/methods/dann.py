@@ -138,6 +138,15 @@ class DANN(Method):
         disc, acc = self._discriminate(z, domain)
         return {"loss": ce - self.lambda_max * disc, "ce": ce, "disc": disc, "disc_acc": acc}
 
+    def step_budget_dependence(self) -> list[str]:
+        """``grl``: the λ ramp and ``lr_anneal`` follow ``p = step / max_steps``."""
+        reasons = super().step_budget_dependence()
+        if self.variant == "grl" and self.gamma > 0:
+            reasons.append("DANN's λ ramp (p = step / max_steps)")
+        if self.lr_anneal:
+            reasons.append("DANN's lr_anneal (p = step / max_steps)")
+        return reasons
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
         """``grl``: the base step. ``alternating``: one discriminator *or* one generator update (DomainBed)."""
         if self.automatic_optimization:

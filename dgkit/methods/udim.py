@@ -175,6 +175,13 @@ class UDIM(Sharpness):
         self.per_domain_inconsistency = bool(per_domain_inconsistency)
 
     # ---- training -------------------------------------------------------------------------------------
+    def step_budget_dependence(self) -> list[str]:
+        """With ``warmup_steps=null`` the SAM warm-up is a fraction of ``max_steps``."""
+        reasons = super().step_budget_dependence()
+        if self.warmup_steps is None:
+            reasons.append("UDIM's warm-up (warmup_fraction × max_steps; set method.warmup_steps to fix it)")
+        return reasons
+
     def on_fit_start(self) -> None:
         """Refuse ``+augment=bss`` (attached after construction): a BSS copy mixes the source domains, so it
         has no place in the per-domain source-vs-perturbed penalty; silently dropping it would mislead."""

@@ -27,7 +27,7 @@ def run_tta(
     split: str = "in",
     seed: int = 0,
     corrupt: dict[str, Any] | None = None,
-    data_root: str | None = None,
+    data_paths: dict[str, str] | None = None,
     out: str | Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Evaluate ``ckpt`` with and without ``tta``; return the result and the file it was written to.
@@ -37,10 +37,11 @@ def run_tta(
         tta: the unbound TTA (``instantiate(cfg.tta)``); tta_config: its config, recorded with the result.
         domains, split, corrupt: the test sets (:func:`~dgkit.tta.evaluate.build_test_sets`).
         seed: the test stream's order.
-        data_root: where the benchmark lives, if it moved since training.
+        data_paths: ``{"data.root": ..., "paths.datasets": ...}``: where the benchmark lives, if it moved since
+            training (see :func:`dgkit.checkpoint.load_checkpoint`).
         out: the result file (default :func:`default_result_path`).
     """
-    overrides = {"data.root": data_root} if data_root else None
+    overrides = {k: v for k, v in (data_paths or {}).items() if v}
     _, datamodule, method = load_checkpoint_and_data(ckpt, overrides)
     sets = build_test_sets(datamodule, domains, split, corrupt)
     result = evaluate_tta(method, datamodule, tta, sets, seed=seed, split=split)
