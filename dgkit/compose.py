@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
@@ -52,7 +53,21 @@ def build_datamodule(cfg: DictConfig, backbone: nn.Module) -> pl.LightningDataMo
     """The benchmark's DataModule, its pipelines built from ``backbone.data_config``; each training image comes
     as many times as the method's ``train_views`` (SSL: 2)."""
     views = getattr(get_class(cfg.method._target_), "train_views", 1)
-    return instantiate(cfg.data, _partial_=True)(data_config=backbone.data_config, split_seed=cfg.seed, views=views)
+    return _instantiate_data(cfg.data, data_config=backbone.data_config, split_seed=cfg.seed, views=views)
+
+
+def _instantiate_data(data: Any, **kwargs: Any) -> pl.LightningDataModule:
+    """Instantiate a data config; a data error (missing folder, bad images, unknown domain) is raised as itself,
+    not wrapped in Hydra's instantiation errors, so its message stays the first thing the user reads."""
+    try:
+        return instantiate(data, _partial_=True)(**kwargs)
+    except InstantiationException as err:
+        cause = err
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, ValueError | FileNotFoundError | RuntimeError):
+            raise cause from None
+        raise
 
 
 def data_identity(cfg: DictConfig) -> dict[str, Any]:
@@ -64,7 +79,7 @@ def data_identity(cfg: DictConfig) -> dict[str, Any]:
     for block in (data, data.get("benchmark") or {}):
         if "verify" in block:
             block["verify"] = False
-    datamodule = instantiate(data, _partial_=True)(data_config=None, split_seed=cfg.seed)
+    datamodule = _instantiate_data(data, data_config=None, split_seed=cfg.seed)
     return {"test_domains": list(datamodule.test_domains), "data_fingerprint": datamodule.benchmark.fingerprint}
 
 
