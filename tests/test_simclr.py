@@ -142,6 +142,7 @@ class _ScaledFeatures(torch.nn.Module):
 @pytest.mark.parametrize("feature_norm", [True, False])
 def test_probe_feature_norm_standardises_tiny_features(feature_norm):
     # two classes separated along feature 0; features scaled by 1e-3 (the raw head barely moves in 100 steps)
+    torch.manual_seed(0)  # the head's initialisation: the outcome must not depend on which tests ran before
     gen = torch.Generator().manual_seed(0)
     y = torch.arange(256) % 2
     x = torch.randn(256, 4, generator=gen, dtype=torch.float64)
@@ -151,7 +152,8 @@ def test_probe_feature_norm_standardises_tiny_features(feature_norm):
     method.train()
     for _ in range(100):
         optimizer.zero_grad()
-        method.training_losses({"a": (x.float(), y)})["loss"].backward()
+        loss = method.training_losses({"a": (x.float(), y)})["loss"]
+        loss.backward()
         optimizer.step()
     method.eval()
     with torch.no_grad():
@@ -167,7 +169,9 @@ def test_probe_feature_norm_standardises_tiny_features(feature_norm):
         assert accuracy > 0.95
     else:
         assert isinstance(method.classifier, torch.nn.Linear)
-        assert accuracy < 0.9  # the same schedule cannot fit features this small without standardisation
+        # the same schedule cannot fit features this small without standardisation: logits move by about
+        # |w| · 3e-3, so the cross-entropy stays near ln 2 (the accuracy is then a coin toss of the init's bias)
+        assert loss.item() > 0.6
 
 
 class _CommonModeFeatures(torch.nn.Module):
