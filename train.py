@@ -4,16 +4,17 @@ import hydra
 from omegaconf import DictConfig
 
 from dgkit.config import register_resolvers
+from dgkit.errors import run_reporting_user_errors
 
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point; all the work is in ``dgkit.run.train``."""
-    from dgkit.run import train
+    """Hydra entry point; all the work is in ``dgkit.run.train``. Bad input ends in one message, exit status 2."""
+    from dgkit.run import train  # noqa: PLC0415 (after Hydra parsed the command line: --help stays fast)
 
-    train(cfg)
+    run_reporting_user_errors(train, cfg)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,34 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+_MISSING_HINTS = {
+    "data.root": "pass data.root=PATH, the folder holding <domain>/<class>/<image> files (see datasets/README.md)",
+    "data.test_domains": "pass data.test_domains=[NAME], the held-out domain(s)",
+    "backbone.weights": "pass backbone.weights=PATH (e.g. an SSL run's backbone.safetensors) or backbone.weights=null",
+}
+
+
+def check_required(cfg: DictConfig) -> None:
+    """Refuse a config with unset mandatory values (``???``), naming each key and how to set it.
+
+    Raises:
+        ValueError: one line per missing key.
+    """
+    missing = sorted(_missing(OmegaConf.to_container(cfg, resolve=False)))  # unresolved: '???' stays visible
+    if missing:
+        lines = [f"  {k}: {_MISSING_HINTS.get(k, f'set it on the command line ({k}=VALUE)')}" for k in missing]
+        raise ValueError("the config leaves required values unset:\n" + "\n".join(lines))
+
+
+def _missing(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is OmegaConf's mandatory marker ``???``."""
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in _missing(value, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if node == "???" else []
+
+
 def _train(cfg: DictConfig, folder: RunFolder) -> dict[str, Any]:
+    check_required(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     identity = run_identity(cfg)

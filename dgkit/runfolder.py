@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from dgkit.errors import UserError
 from dgkit.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ IDENTITY_KEYS = ("config", "seed", "test_domains", "data_fingerprint", "devices"
 _CLAIMING = ("results.jsonl", "final.json", "done", "checkpoints/last.ckpt", "checkpoints/best.ckpt")
 
 
-class RunFolderInUse(RuntimeError):
+class RunFolderInUse(UserError):
     """Another process holds the run folder's lock."""
 
 

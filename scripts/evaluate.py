@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dgkit.config import register_resolvers  # noqa: E402
+from dgkit.errors import run_reporting_user_errors  # noqa: E402
 from dgkit.tta.runner import format_result, run_tta  # noqa: E402
 
 register_resolvers()
@@ -31,7 +32,14 @@ register_resolvers()
 
 @hydra.main(version_base=None, config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    """Hydra entry point: bad input (a missing checkpoint, moved data) ends in one message, exit status 2."""
+    run_reporting_user_errors(evaluate, cfg)
+
+
+def evaluate(cfg: DictConfig) -> None:
     """Rebuild the run from the checkpoint, evaluate with and without the TTA, write the result file."""
+    if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
+        raise ValueError("ckpt= is required: a run's checkpoints/best.ckpt (python scripts/evaluate.py ckpt=PATH)")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     tta = instantiate(cfg.tta)

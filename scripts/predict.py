@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dgkit.errors import EXIT_USER_ERROR  # noqa: E402
 from dgkit.predict import predict_checkpoint  # noqa: E402
 
 USAGE = "usage: python scripts/predict.py ckpt=PATH images=DIR_OR_GLOB [out=predictions.csv] [batch_size=64]"
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         path = predict_checkpoint(args["ckpt"], args["images"], out, int(args.get("batch_size", 64)))
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return EXIT_USER_ERROR
     print(f"wrote {path}")
     return 0
 

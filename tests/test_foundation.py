@@ -155,7 +155,7 @@ def test_predict_script_errors_name_the_problem(tmp_path, capsys):
     main = script.main
 
     assert main(["images=x"]) == 2 and "ckpt= and images= are required" in capsys.readouterr().err
-    assert main([f"ckpt={tmp_path / 'none.ckpt'}", f"images={tmp_path}"]) == 1
+    assert main([f"ckpt={tmp_path / 'none.ckpt'}", f"images={tmp_path}"]) == 2
     assert "no image files found" in capsys.readouterr().err
 
 

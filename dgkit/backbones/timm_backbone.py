@@ -9,17 +9,22 @@ transformer block a stage, the final norm joined to the last one); any other tim
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import socket
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch
+from huggingface_hub import constants as hf_constants
 from timm.models import ResNet, VisionTransformer
 from torch import nn
 
 from dgkit.backbones.base import Backbone, DataConfig, Intermediates, Stages, StagesNotSupported
 from dgkit.backbones.weights import load_weights
+from dgkit.errors import UserError
 
 
 class _ViTStem(nn.Module):
@@ -51,6 +56,31 @@ _STAGE_SPLITS: dict[type[nn.Module], Callable[[Any], tuple[nn.Module, list[nn.Mo
     ResNet: _resnet_split,
     VisionTransformer: _vit_split,
 }
+
+
+class PretrainedWeightsUnavailable(UserError):
+    """``backbone.pretrained=true`` without the weights: no network and not in the local cache."""
+
+
+def _unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
+    """Why the host of ``endpoint`` cannot be reached (name resolution or a TCP connection), or ``None``."""
+    host = urlparse(endpoint).hostname or endpoint
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as e:
+        return f"{host} cannot be reached: {e}"
+    return None
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Make the Hugging Face hub client read its local cache only, for the ``with`` block."""
+    before = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        hf_constants.HF_HUB_OFFLINE = before
 
 
 class TimmBackbone(Backbone):
@@ -98,13 +128,18 @@ class TimmBackbone(Backbone):
 
     @staticmethod
     def _create(name: str, pretrained: bool, kwargs: dict[str, Any]) -> torch.nn.Module:
+        if not pretrained:
+            return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        # Offline, the hub client retries for about 50 s before failing: when its host cannot be reached, ask it
+        # for the local cache only (weights downloaded earlier still load; others fail at once).
+        unreachable = _unreachable(hf_constants.ENDPOINT)
         try:
-            return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-        except Exception as e:
-            if not pretrained:
-                raise
-            raise RuntimeError(
-                f"backbone.pretrained=true could not fetch timm weights for {name!r} ({type(e).__name__}: {e}). "
+            with _hub_offline(unreachable is not None):
+                return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+        except Exception as e:  # noqa: BLE001 (hub, HTTP and file errors all mean: no weights)
+            why = f"{unreachable}; not in the local cache either" if unreachable else f"{type(e).__name__}: {e}"
+            raise PretrainedWeightsUnavailable(
+                f"backbone.pretrained=true could not fetch timm weights for {name!r} ({why}). "
                 "Without a network, download the weights elsewhere and pass backbone.weights=/path/to/file "
                 "(.pth, .bin or .safetensors) with backbone.pretrained=false."
             ) from e
