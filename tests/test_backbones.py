@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from dgkit.backbones import SmallCNN, TimmBackbone
+from dgkit.backbones.timm_backbone import PretrainedWeightsUnavailable
 
 
 def test_small_cnn_surface():
@@ -62,8 +63,28 @@ def test_pretrained_offline_error_points_to_weights(monkeypatch):
         return real(name, pretrained=False, **kw)
 
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(RuntimeError, match="backbone.weights=/path/to/file"):
+    with pytest.raises(PretrainedWeightsUnavailable, match="backbone.weights=/path/to/file"):
         TimmBackbone("test_vit", pretrained=True)
+
+
+def test_unreachable_hub_is_asked_for_its_cache_only(monkeypatch):
+    """Offline, the hub client would retry for about 50 s: it must be switched to cache-only first."""
+    import timm
+    from huggingface_hub import constants
+
+    from dgkit.backbones import timm_backbone
+
+    seen = []
+
+    def record(name, pretrained=False, **kw):
+        seen.append(constants.HF_HUB_OFFLINE)
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr(timm_backbone, "_unreachable", lambda endpoint: "hub.example cannot be reached")
+    monkeypatch.setattr(timm, "create_model", record)
+    with pytest.raises(PretrainedWeightsUnavailable, match="hub.example cannot be reached; not in the local cache"):
+        TimmBackbone("test_vit", pretrained=True)
+    assert seen == [True] and constants.HF_HUB_OFFLINE is False  # restored afterwards
 
 
 def test_freeze_bn_keeps_running_stats():
