@@ -20,13 +20,14 @@ import pytorch_lightning as pl
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
 from dgkit.callbacks import ConfigInCheckpoint, EvaluateAtLastStep, RandomStateInCheckpoint, ResultsWriter
 from dgkit.chain import TransformContext, apply_chain, chain_configs, replay_chain
 from dgkit.data.style import BatchStylesStandardization
 from dgkit.methods.base import Method
+from dgkit.progress import EvaluationLog, StepProgressBar, quiet_lightning
 from dgkit.tasks import Classification, Task
 
 _CLASSIFICATION = "dgkit.tasks.Classification"
@@ -195,8 +196,10 @@ def build_trainer(cfg: DictConfig, out: Path, resolved: dict[str, Any], method: 
         RandomStateInCheckpoint(),
         ConfigInCheckpoint(resolved),
     ]
+    callbacks.append(EvaluationLog())
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(StepProgressBar(leave=True))
+    quiet_lightning()
     logger_cfg = cfg.get("logger")
     logger = instantiate(logger_cfg) if logger_cfg and logger_cfg.get("_target_") else False
     return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out))
