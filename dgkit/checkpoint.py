@@ -17,11 +17,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dgkit.callbacks import CONFIG_KEY, META_KEY
-from dgkit.compose import build_datamodule, build_model, run_meta
+from dgkit.compose import build_backbone, build_datamodule, build_model, run_meta
 from dgkit.methods.base import Method
 from dgkit.utils.io import atomic_write
 
@@ -154,6 +153,6 @@ def _load_weights(method: Method, state_dict: dict[str, torch.Tensor], path: str
 def _legacy_meta(cfg: DictConfig, path: str | Path) -> dict[str, Any]:
     """Metadata of a checkpoint written before ``dgkit_meta`` existed: read from its dataset (which must exist)."""
     log.warning("%s has no '%s' (an older dgkit): rebuilding it needs its dataset", path, META_KEY)
-    backbone = instantiate(cfg.backbone)
+    backbone = build_backbone(cfg)
     adapter = [{"config": OmegaConf.to_container(cfg.adapter, resolve=True), "stage": "before_fit", "state": {}}]
     return run_meta(cfg, build_datamodule(cfg, backbone), backbone, adapter if cfg.get("adapter") else [])

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import pytorch_lightning as pl
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
@@ -34,6 +35,17 @@ _CLASSIFICATION = "dgkit.tasks.Classification"
 META_FORMAT = 2
 META_KEYS = ("format", "task", "dataset", "classes", "domains", "test_domains", "data_config", "chain")
 """What a checkpoint's ``dgkit_meta`` holds: enough to rebuild the model without its dataset."""
+
+
+def build_backbone(cfg: DictConfig) -> nn.Module:
+    """The configured backbone. With ``data.image_size: null`` (the folder presets) it is built at its own
+    native input size: the backbone configs read ``data.image_size`` with their native size as the fallback,
+    so the key is left out for them."""
+    if "image_size" in cfg.get("data", {}) and cfg.data.image_size is None:
+        cfg = copy.deepcopy(cfg)
+        with open_dict(cfg):
+            del cfg.data["image_size"]
+    return instantiate(cfg.backbone)
 
 
 def build_task(cfg: DictConfig) -> Task:
@@ -129,7 +141,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, Method]:
     through ``method.extra_callbacks``; ``augment.bss`` is attached as ``method.bss``; the run's metadata (with
     the chain's records) as ``method.meta``.
     """
-    backbone = instantiate(cfg.backbone)
+    backbone = build_backbone(cfg)
     task = build_task(cfg)
     records, callbacks = apply_chain(chain_configs(cfg), backbone, TransformContext(stage="before_fit"))
     datamodule = build_datamodule(cfg, backbone)
@@ -163,7 +175,7 @@ def build_model(cfg: DictConfig, meta: dict[str, Any]) -> Method:
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
         raise ValueError(f"checkpoint metadata lacks {missing} (written by another dgkit version?)")
-    backbone = instantiate(cfg.backbone)
+    backbone = build_backbone(cfg)
     replay_chain(meta["chain"], backbone, "before_fit")
     method = _method(cfg, backbone, meta, instantiate(meta["task"]))
     replay_chain(meta["chain"], method, "after_fit")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 
 from omegaconf import OmegaConf
@@ -22,7 +23,16 @@ def slug(text: str, max_len: int = 160) -> str:
     return safe
 
 
+def default_workers(cpus: int | None = None) -> int:
+    """DataLoader processes per loader for this machine: a quarter of the cores, at most 4 (0 on 2 cores, where
+    worker processes only compete with the model for the CPU)."""
+    cpus = cpus or os.cpu_count() or 1
+    return min(4, cpus // 4)
+
+
 def register_resolvers() -> None:
-    """Register ``${dgkit.slug:...}`` (idempotent)."""
+    """Register ``${dgkit.slug:...}`` and ``${dgkit.workers:}`` (idempotent)."""
     if not OmegaConf.has_resolver("dgkit.slug"):
         OmegaConf.register_new_resolver("dgkit.slug", slug)
+    if not OmegaConf.has_resolver("dgkit.workers"):
+        OmegaConf.register_new_resolver("dgkit.workers", default_workers)

@@ -1,0 +1,73 @@
+"""What a user meets first: errors without tracebacks, progress that tells the time, defaults that fit."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dgkit.compose import build
+from dgkit.config import default_workers
+from dgkit.progress import format_seconds
+from dgkit.run import train
+from tests.conftest import ROOT, compose_cfg
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is far faster when other jobs load the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_config_error_is_one_message_before_any_model_is_built(tmp_path):
+    cmd = [sys.executable, "train.py", "data=folder", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert "error: the config leaves required values unset" in result.stderr
+    assert "data.root: pass data.root=PATH" in result.stderr and "HYDRA_FULL_ERROR=1" in result.stderr
+    assert "Traceback" not in output
+    assert "adapter none" not in output  # nothing was built (the backbone logs its adapter summary when built)
+
+
+def test_bar_off_logs_one_line_per_evaluation_with_time_left(tiny_cfg, caplog):
+    with caplog.at_level(logging.INFO, logger="dgkit.progress"):
+        train(tiny_cfg("trainer.max_steps=6"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "dgkit.progress"]
+    assert [line.split(" | ")[0] for line in lines] == ["step 2/6", "step 4/6", "step 6/6"]
+    assert all("elapsed" in line and "left" in line and "source validation acc" in line for line in lines)
+    assert "held-out acc c" in lines[-1]
+
+
+def test_format_seconds():
+    assert [format_seconds(s) for s in (9, 75, 3725)] == ["9s", "1m15s", "1h02m"]
+
+
+def test_folder_run_uses_the_backbones_native_size_and_warns_on_rescaling(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    for d in ("winter", "summer"):
+        for c in ("cat", "dog"):
+            (tmp_path / "tree" / d / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(
+                    tmp_path / "tree" / d / c / f"{i}.png"
+                )
+    overrides = ["data=folder", f"data.root={tmp_path / 'tree'}", "data.test_domains=[winter]", "backbone=small_cnn"]
+    with caplog.at_level(logging.WARNING):
+        datamodule, method = build(compose_cfg(overrides, tmp_path / "run"))
+    assert datamodule.data_config.input_size == (32, 32) == method.backbone.data_config.input_size
+    assert "images are 96x96 px" in caplog.text and "32x32 px (3.0x)" in caplog.text
+
+
+def test_loader_workers_follow_the_cpu_count():
+    assert [default_workers(c) for c in (1, 2, 4, 8, 16, 64)] == [0, 0, 1, 2, 4, 4]
+    cfg = compose_cfg(["data=folder", "data.root=x", "data.test_domains=[a]"])
+    assert cfg.data.num_workers == default_workers()
