@@ -148,6 +148,9 @@ def _train(cfg: DictConfig, folder: RunFolder) -> dict[str, Any]:
     folder.write_final(final)
     if cfg.get("print_summary", True):
         print_summary(final, datamodule.domains, datamodule.test_domains)
+        best = folder.best_checkpoint
+        print(f"selected checkpoint: {best}\n  python scripts/evaluate.py ckpt={best} tta=tent")
+        print(f"  python scripts/predict.py ckpt={best} images=DIR")
     if _tta_requested(cfg):
         final = _with_tta(cfg, folder, final)
     folder.mark_done()

@@ -71,3 +71,21 @@ def test_loader_workers_follow_the_cpu_count():
     assert [default_workers(c) for c in (1, 2, 4, 8, 16, 64)] == [0, 0, 1, 2, 4, 4]
     cfg = compose_cfg(["data=folder", "data.root=x", "data.test_domains=[a]"])
     assert cfg.data.num_workers == default_workers()
+
+
+def test_printed_checkpoint_paths_parse_in_evaluate(tmp_path):
+    """Run folders are named after overrides (``+exp=quickstart``); evaluate.py takes such a path as printed."""
+    import importlib.util
+
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    path = "outputs/runs/+exp=quickstart,seed=1/checkpoints/best.ckpt"
+    argv = script.quote_paths([f"ckpt={path}", "tta=tent", f"data.root={tmp_path}/a=b"])
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=argv)
+    assert cfg.ckpt == path and cfg.tta._target_.endswith("Tent") and cfg.data.root == f"{tmp_path}/a=b"
