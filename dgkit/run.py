@@ -204,9 +204,9 @@ def _with_tta(cfg: DictConfig, folder: RunFolder, final: dict[str, Any]) -> dict
     result, path = run_tta(
         folder.best_checkpoint, tta, OmegaConf.to_container(cfg.tta, resolve=True), seed=int(cfg.seed)
     )
-    log.info("test-time adaptation of the selected checkpoint:\n%s\nwritten to %s", format_result(result), path)
     if cfg.get("print_summary", True):
-        print(format_result(result))
+        print(format_result(result))  # once: not logged too (Hydra's console logging would repeat it)
+    log.info("test-time adaptation of the selected checkpoint written to %s", path)
     sets = {d: {"acc_none": r["acc_none"], "acc_tta": r["acc_tta"]} for d, r in result["sets"].items()}
     entry = {"batch_size": tta.batch_size, "sets": sets, "time_ratio": result["time_ratio"], "file": str(path)}
     final = {**final, "tta": {**final.get("tta", {}), tta.name: entry}}

@@ -89,3 +89,20 @@ def test_printed_checkpoint_paths_parse_in_evaluate(tmp_path):
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("evaluate", overrides=argv)
     assert cfg.ckpt == path and cfg.tta._target_.endswith("Tent") and cfg.data.root == f"{tmp_path}/a=b"
+
+
+def test_tent_names_what_it_adapts_without_batchnorm_and_warns_on_episodic_use(caplog):
+    from torch import nn
+
+    from dgkit.backbones import SmallCNN
+    from dgkit.tta import Tent
+
+    with caplog.at_level(logging.WARNING, logger="dgkit.tta.norm"):
+        tta = Tent().bind(SmallCNN(widths=(8, 8, 8, 8)), nn.Linear(8, 3))
+    assert "no BatchNorm" in caplog.text and "features.2.weight" not in caplog.text
+    assert "4 LayerNorm/GroupNorm layers (features.2, features.5, features.8, features.11)" in caplog.text
+    assert tta.adapted == [f"features.{i}.{p}" for i in (2, 5, 8, 11) for p in ("weight", "bias")]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dgkit.tta.norm"):
+        Tent(reset="per_batch")
+    assert "Accuracy cannot change" in caplog.text

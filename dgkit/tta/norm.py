@@ -6,6 +6,7 @@ Hand-written: no maintained library ships Tent or BN adaptation for arbitrary Py
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 from dgkit.tta.base import TestTimeAdapter, entropy
 
+log = logging.getLogger(__name__)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _AFFINE_NORMS = (*_BN, nn.LayerNorm, nn.GroupNorm)
 
@@ -55,8 +57,8 @@ class Tent(TestTimeAdapter):
     """``tta=tent`` (Wang et al., ICLR 2021): per test batch, ``steps`` optimiser steps on the mean prediction
     entropy, updating only the affine parameters of the normalisation layers; the prediction is the output of
     the first forward. BatchNorm uses batch statistics (as in Tent); on a backbone without BatchNorm (ViTs) the
-    LayerNorm/GroupNorm affine parameters are adapted instead, which is Tent's recipe transposed, stated in the
-    log, not the paper's setting.
+    LayerNorm/GroupNorm affine parameters are adapted instead, which is Tent's recipe transposed, not the
+    paper's setting: a warning names the layers.
 
     Args:
         optimizer: a partial taking the parameters (Tent's CIFAR default: Adam, lr 1e-3).
@@ -78,6 +80,12 @@ class Tent(TestTimeAdapter):
         if steps < 1:
             raise ValueError(f"tta.steps={steps} must be >= 1")
         self.steps = int(steps)
+        if reset == "per_batch":
+            log.warning(
+                "tta=tent with tta.reset=per_batch predicts every batch with the unadapted model: Tent's prediction "
+                "is the forward before its update (as in the official code), and the update is then discarded. "
+                "Accuracy cannot change; use tta.reset=per_domain (default) or never"
+            )
         self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
         self.optimizer: torch.optim.Optimizer | None = None
         self.adapted: list[str] = []
@@ -88,6 +96,12 @@ class Tent(TestTimeAdapter):
         if batchnorm_layers(self.backbone):
             use_batch_statistics(self.backbone, self.name)
             norms = [(n, m) for n, m in norms if isinstance(m, _BN)]
+        elif norms:
+            log.warning(
+                "tta=tent: the backbone has no BatchNorm, so Tent adapts the affine parameters of its %d "
+                "LayerNorm/GroupNorm layers (%s): Tent's recipe transposed, not the paper's setting",
+                len(norms), ", ".join(n for n, _ in norms),
+            )  # fmt: skip
         if not norms:
             raise ValueError("tta=tent needs normalisation layers (BatchNorm, LayerNorm or GroupNorm) in the backbone")
         params = []
