@@ -32,6 +32,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from dgkit.adapters import count_parameters, merge  # noqa: E402
 from dgkit.compose import build  # noqa: E402
 from dgkit.config import register_resolvers  # noqa: E402
+from dgkit.utils.cli import parse_with_overrides  # noqa: E402
 
 
 def _method(args, adapter: str):
@@ -59,8 +60,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed calls per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
-    args = parser.parse_args()
+    parser.epilog = "Hydra overrides (key=value) may follow anywhere, or after --."
+    args, args.overrides = parse_with_overrides(parser)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from dgkit.compose import build, build_trainer  # noqa: E402
 from dgkit.config import register_resolvers  # noqa: E402
+from dgkit.utils.cli import parse_with_overrides  # noqa: E402
 
 METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
 
@@ -99,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=5, help="steps of each fit left out of the timing")
     p.add_argument("--repeats", type=int, default=3, help="interleaved fits per method")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("overrides", nargs="*", help="extra Hydra overrides (applied to every method)")
-    args = p.parse_args(argv)
+    p.epilog = "Hydra overrides (key=value, applied to every method) may follow anywhere, or after --."
+    args, args.overrides = parse_with_overrides(p, argv)
     if args.steps <= args.warmup:
         p.error(f"--steps={args.steps} must exceed --warmup={args.warmup}")
     methods = list(dict.fromkeys(["erm", *args.methods]))  # ERM is the reference

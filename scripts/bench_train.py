@@ -29,6 +29,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from dgkit.compose import build, build_trainer  # noqa: E402
 from dgkit.config import register_resolvers  # noqa: E402
+from dgkit.utils.cli import parse_with_overrides  # noqa: E402
 
 
 class _StepClock(pl.Callback):
@@ -111,8 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
-    args = p.parse_args(argv)
+    p.epilog = "Hydra overrides (key=value) may follow anywhere, or after --."
+    args, args.overrides = parse_with_overrides(p, argv)
     torch.set_num_threads(args.threads)
     dgkit_rates, plain_rates = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -106,3 +106,11 @@ def test_tent_names_what_it_adapts_without_batchnorm_and_warns_on_episodic_use(c
     with caplog.at_level(logging.WARNING, logger="dgkit.tta.norm"):
         Tent(reset="per_batch")
     assert "Accuracy cannot change" in caplog.text
+
+
+def test_script_flags_and_overrides_are_told_apart():
+    from dgkit.utils.cli import split_overrides
+
+    flags, overrides = split_overrides(["--methods", "erm", "dann", "trainer.max_steps=5", "--steps=3", "data=x"])
+    assert flags == ["--methods", "erm", "dann", "--steps=3"] and overrides == ["trainer.max_steps=5", "data=x"]
+    assert split_overrides(["--methods", "erm", "--", "seed=1"]) == (["--methods", "erm"], ["seed=1"])
