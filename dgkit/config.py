@@ -30,9 +30,16 @@ def default_workers(cpus: int | None = None) -> int:
     return min(4, cpus // 4)
 
 
+def basename(path: str) -> str:
+    """The last part of a path (``/data/my_styles/`` -> ``my_styles``): a folder dataset's name."""
+    return os.path.basename(os.path.normpath(str(path))) or str(path)
+
+
 def register_resolvers() -> None:
-    """Register ``${dgkit.slug:...}`` and ``${dgkit.workers:}`` (idempotent)."""
+    """Register ``${dgkit.slug:...}``, ``${dgkit.workers:}`` and ``${dgkit.basename:...}`` (idempotent)."""
     if not OmegaConf.has_resolver("dgkit.slug"):
         OmegaConf.register_new_resolver("dgkit.slug", slug)
     if not OmegaConf.has_resolver("dgkit.workers"):
         OmegaConf.register_new_resolver("dgkit.workers", default_workers)
+    if not OmegaConf.has_resolver("dgkit.basename"):
+        OmegaConf.register_new_resolver("dgkit.basename", basename)

@@ -137,5 +137,5 @@ def test_folder_benchmark_on_top_of_experiment(tmp_path):
         "print_summary=false",
     ]
     final = train(compose_cfg(overrides, tmp_path / "run"))
-    assert final["dataset"] == "folder" and final["domains"] == ["night", "summer", "winter"]
+    assert final["dataset"] == "tree" and final["domains"] == ["night", "summer", "winter"]  # named by its root
     assert final["test_domains"] == ["night"] and set(final["scores"]) == {"night", "summer", "winter"}

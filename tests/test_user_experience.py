@@ -114,3 +114,9 @@ def test_script_flags_and_overrides_are_told_apart():
     flags, overrides = split_overrides(["--methods", "erm", "dann", "trainer.max_steps=5", "--steps=3", "data=x"])
     assert flags == ["--methods", "erm", "dann", "--steps=3"] and overrides == ["trainer.max_steps=5", "data=x"]
     assert split_overrides(["--methods", "erm", "--", "seed=1"]) == (["--methods", "erm"], ["seed=1"])
+
+
+def test_a_folder_dataset_is_named_by_its_root():
+    cfg = compose_cfg(["data=folder", "data.root=/data/my_styles/", "data.test_domains=[a]"])
+    assert cfg.data.name == "my_styles" and cfg.data.benchmark.name == "my_styles"
+    assert compose_cfg(["data=pacs"]).data.name == "PACS"

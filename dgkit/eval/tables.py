@@ -18,7 +18,7 @@ import csv
 import io
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from dgkit.eval.selection import RULES, Choice, SelectionRule, TrainingDomainVal
 from dgkit.utils.io import atomic_write, atomic_write_text
 
 MISSING = "X"
-CSV_COLUMNS = ("dataset", "rule", "tag", "test_domain", "mean", "se", "n_seeds")
+CSV_COLUMNS = ("dataset", "rule", "tag", "test_domain", "mean", "se", "n_seeds", "val_mean")
 LEGEND = (
     "Cells: 100 × mean ± SE of the selected test-domain score (`in` split; the metric each table names) over seeds, "
     "SE = population std / √n_seeds; (1 seed) = no SE; X = no result; Avg = mean of the domain means."
@@ -44,6 +44,12 @@ class Cell:
     se: float
     n_seeds: int
     choices: dict[int, Choice] = field(default_factory=dict, compare=False)
+
+    @property
+    def val_mean(self) -> float:
+        """Mean over seeds of the validation score that selected each choice, in percent (the rule's own:
+        source ``out`` for training-domain validation)."""
+        return 100.0 * sum(c.val_score for c in self.choices.values()) / len(self.choices) if self.choices else 0.0
 
 
 Summary = dict[str, dict[str, dict[str, dict[str, Cell | None]]]]
@@ -118,6 +124,10 @@ def to_markdown(summary: Summary, rules: Sequence[SelectionRule] = RULES, metric
                 parts.append(f"_Table omitted: {why.get(rule_name, 'no result')}._")
             else:
                 parts.extend(_markdown_table(rows))
+                parts.extend(
+                    ["", f"Selection score (%) behind each cell ({_VALIDATION.get(rule_name, 'validation')}):", ""]
+                )
+                parts.extend(_markdown_table(rows, value=lambda c: f"{c.val_mean:.1f}", average=False))
             parts.append("")
     return "\n".join(parts)
 
@@ -133,7 +143,8 @@ def to_csv(summary: Summary) -> str:
                 for domain, cell in row.items():
                     if cell is not None:
                         mean, se = round(cell.mean, 4), round(cell.se, 4)
-                        writer.writerow([dataset, rule_name, tag, domain, mean, se, cell.n_seeds])
+                        val = round(cell.val_mean, 4)
+                        writer.writerow([dataset, rule_name, tag, domain, mean, se, cell.n_seeds, val])
     return buffer.getvalue()
 
 
@@ -228,13 +239,25 @@ def _is_empty(rows: dict[str, dict[str, Cell | None]]) -> bool:
     return all(cell is None for row in rows.values() for cell in row.values())
 
 
-def _markdown_table(rows: dict[str, dict[str, Cell | None]]) -> list[str]:
-    """The lines of one markdown table, columns padded to equal width."""
+_VALIDATION = {
+    "training-domain validation set": "mean source-domain `out` score",
+    "leave-one-domain-out cross-validation": "mean `in` score of the other held-out domain",
+    "test-domain validation set (oracle)": "the held-out domain's `out` score",
+}
+
+
+def _markdown_table(
+    rows: dict[str, dict[str, Cell | None]], value: Callable[[Cell], str] = format_cell, average: bool = True
+) -> list[str]:
+    """The lines of one markdown table (``value`` renders a cell), columns padded to equal width."""
     domains = list(next(iter(rows.values())))
-    table = [["Algorithm", *domains, "Avg"]]
+    table = [["Algorithm", *domains, *(["Avg"] if average else [])]]
     for tag, row in rows.items():
-        avg = row_average(row)
-        table.append([tag, *(format_cell(c) for c in row.values()), MISSING if avg is None else f"{avg:.1f}"])
+        cells = [MISSING if c is None else value(c) for c in row.values()]
+        if average:
+            avg = row_average(row)
+            cells.append(MISSING if avg is None else f"{avg:.1f}")
+        table.append([tag, *cells])
     widths = [max(3, *(len(line[j]) for line in table)) for j in range(len(table[0]))]
     rule_line = [":" + "-" * (widths[0] - 1)] + ["-" * (w - 1) + ":" for w in widths[1:]]
     lines = [table[0], rule_line, *table[1:]]
