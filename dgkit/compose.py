@@ -183,6 +183,20 @@ def build_model(cfg: DictConfig, meta: dict[str, Any]) -> Method:
     return method
 
 
+def _count_steps_done(logger: Any) -> None:
+    """Make ``logger`` record the number of optimisation steps done, as ``results.jsonl`` does.
+
+    Lightning passes its 0-based batch index (the evaluation after step 300 reaches TensorBoard as step 299);
+    shifting by one puts every logged value at the step count the run folder's records use.
+    """
+    log_metrics = logger.log_metrics
+
+    def shifted(metrics: dict[str, float], step: int | None = None) -> None:
+        log_metrics(metrics, None if step is None else step + 1)
+
+    logger.log_metrics = shifted
+
+
 def build_trainer(cfg: DictConfig, out: Path, resolved: dict[str, Any], method: Method) -> pl.Trainer:
     """The Lightning trainer: best checkpoint by training-domain validation, last checkpoint to resume from,
     the results writer, an evaluation at the last step, and the config and metadata in every checkpoint."""
@@ -214,6 +228,8 @@ def build_trainer(cfg: DictConfig, out: Path, resolved: dict[str, Any], method: 
     quiet_lightning()
     logger_cfg = cfg.get("logger")
     logger = instantiate(logger_cfg) if logger_cfg and logger_cfg.get("_target_") else False
+    if logger:
+        _count_steps_done(logger)
     return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out))
 
 

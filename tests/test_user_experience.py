@@ -120,3 +120,19 @@ def test_a_folder_dataset_is_named_by_its_root():
     cfg = compose_cfg(["data=folder", "data.root=/data/my_styles/", "data.test_domains=[a]"])
     assert cfg.data.name == "my_styles" and cfg.data.benchmark.name == "my_styles"
     assert compose_cfg(["data=pacs"]).data.name == "PACS"
+
+
+def test_logger_steps_match_the_records(tiny_cfg, tmp_path):
+    import csv
+
+    from dgkit.utils.io import read_jsonl
+
+    train(tiny_cfg("logger=csv"))
+    rows = list(csv.DictReader((tmp_path / "run" / "logs" / "version_0" / "metrics.csv").open()))
+    logged = [int(r["step"]) for r in rows if r.get("val/acc/source_out")]
+    assert logged == [r["step"] for r in read_jsonl(tmp_path / "run" / "results.jsonl")] == [2, 4]
+
+
+def test_trainer_strategy_is_a_plain_override():
+    cfg = compose_cfg(["trainer.strategy=ddp"])
+    assert cfg.trainer.strategy == "ddp"

@@ -192,11 +192,13 @@ class Method(pl.LightningModule):
                 continue  # an empty split (holdout_fraction=0) has no score
             score = metric.compute()
             metric.reset()
-            self.log(f"val/{metric_key}/{domain}/{split}", score)
+            # sync_dist: torchmetrics' compute() already gathered every process's counts, so the values agree and
+            # averaging them changes nothing; it only tells Lightning so (no warning per key under DDP)
+            self.log(f"val/{metric_key}/{domain}/{split}", score, sync_dist=True)
             if split == "out" and domain in self.source_domains:
                 source_out.append(score)
         if source_out:
-            self.log(self.source_val_key, torch.stack(source_out).mean(), prog_bar=True)
+            self.log(self.source_val_key, torch.stack(source_out).mean(), prog_bar=True, sync_dist=True)
 
     def step_budget_dependence(self) -> list[str]:
         """What in this objective depends on ``trainer.max_steps`` (empty: nothing).
