@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -42,3 +43,12 @@ def tiny_cfg(tmp_path):
         return compose_cfg([*TINY, f"paths.datasets={tmp_path / 'datasets'}", *overrides], tmp_path / out)
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models (and bit-exact comparisons): one thread, far faster when other jobs load the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -29,14 +29,7 @@ from dgkit.adapters import (
 )
 from dgkit.backbones import SmallCNN, TimmBackbone
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and far faster when other jobs load the cores (measured: 100x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ADAPTERS = {

@@ -19,14 +19,7 @@ from dgkit.run import train
 from dgkit.utils.io import read_jsonl
 from tests.conftest import CONF
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is far faster when other jobs load the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ADAPTERS = sorted(p.stem for p in (CONF / "adapter").glob("*.yaml"))

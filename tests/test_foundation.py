@@ -30,13 +30,7 @@ from tests.conftest import ROOT, compose_cfg
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is far faster when other jobs load the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(n: int = 6, size: int = 16, seed: int = 0) -> torch.Tensor:

@@ -20,14 +20,7 @@ from dgkit.runfolder import RunFolder, RunFolderInUse
 from dgkit.utils.io import read_jsonl
 from tests.conftest import compose_cfg
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models, and bit-exact comparisons: one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _records(folder: Path) -> str:

@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from dgkit.compose import build
@@ -17,14 +16,7 @@ from dgkit.progress import format_seconds
 from dgkit.run import train
 from tests.conftest import ROOT, compose_cfg
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is far faster when other jobs load the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_a_config_error_is_one_message_before_any_model_is_built(tmp_path):
