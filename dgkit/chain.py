@@ -78,7 +78,8 @@ def chain_configs(cfg: Any) -> list[dict[str, Any]]:
     if cfg.get("adapter"):
         links.append(cfg.adapter)
     links += list(cfg.get("transforms") or [])
-    return [OmegaConf.to_container(c, resolve=True) if not isinstance(c, dict) else dict(c) for c in links]
+    plain = [OmegaConf.to_container(c, resolve=True) if not isinstance(c, dict) else dict(c) for c in links]
+    return [{k: v for k, v in c.items() if k != "search"} for c in plain]  # a search space is not an argument
 
 
 def _link(config: dict[str, Any]) -> ModelTransform:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from dgkit.callbacks import CONFIG_KEY, META_KEY
 from dgkit.compose import build_backbone, build_datamodule, build_model, run_meta
 from dgkit.methods.base import Method
+from dgkit.search import without_search
 from dgkit.utils.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -154,5 +155,5 @@ def _legacy_meta(cfg: DictConfig, path: str | Path) -> dict[str, Any]:
     """Metadata of a checkpoint written before ``dgkit_meta`` existed: read from its dataset (which must exist)."""
     log.warning("%s has no '%s' (an older dgkit): rebuilding it needs its dataset", path, META_KEY)
     backbone = build_backbone(cfg)
-    adapter = [{"config": OmegaConf.to_container(cfg.adapter, resolve=True), "stage": "before_fit", "state": {}}]
+    adapter = [{"config": without_search(cfg.adapter), "stage": "before_fit", "state": {}}]
     return run_meta(cfg, build_datamodule(cfg, backbone), backbone, adapter if cfg.get("adapter") else [])

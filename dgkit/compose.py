@@ -29,6 +29,7 @@ from dgkit.chain import TransformContext, apply_chain, chain_configs, replay_cha
 from dgkit.data.style import BatchStylesStandardization
 from dgkit.methods.base import Method
 from dgkit.progress import EvaluationLog, StepProgressBar, quiet_lightning
+from dgkit.search import without_search
 from dgkit.tasks import Classification, Task
 
 _CLASSIFICATION = "dgkit.tasks.Classification"
@@ -58,7 +59,7 @@ def build_bss(cfg: DictConfig) -> BatchStylesStandardization | None:
     block = (cfg.get("augment") or {}).get("bss")
     if not block:
         return None
-    bss = instantiate(block)  # validates r_min/r_max/p even when p=0
+    bss = instantiate(without_search(block))  # validates r_min/r_max/p even when p=0
     return bss if bss.p > 0 else None
 
 
@@ -123,7 +124,7 @@ def _plain(value: Any) -> Any:
 def _method(cfg: DictConfig, backbone: nn.Module, meta: dict[str, Any], task: Task) -> Method:
     # _convert_="all": plain lists and dicts reach the method, so the hyper-parameters Lightning stores in every
     # checkpoint hold no OmegaConf objects (weights_only loading accepts plain containers only)
-    return instantiate(cfg.method, _partial_=True, _convert_="all")(
+    return instantiate(without_search(cfg.method), _partial_=True, _convert_="all")(
         backbone=backbone,
         num_classes=len(meta["classes"]),
         domains=meta["domains"],

@@ -33,8 +33,13 @@ def hparams_id(cfg: DictConfig, budget: bool = True) -> str:
     augmentation) are left out, so ids stay those of the runs already collected.
     """
     c = OmegaConf.to_container(cfg, resolve=False)
+    if not c.get("hparams_seed"):
+        c.pop("hparams_seed", None)  # 0 trains the defaults: the id of a config without the key
     for key in RUN_KEYS:
         c.pop(key, None)
+    for block in [c.get("method"), c.get("adapter"), *(c.get("augment") or {}).values()]:
+        if isinstance(block, dict):
+            block.pop("search", None)  # where a value may be drawn from, not a value
     for key in DATA_RUN_KEYS:
         c.get("data", {}).pop(key, None)
     for key in TRAINER_RUN_KEYS + (() if budget else ("max_steps",)):

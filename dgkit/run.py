@@ -31,6 +31,7 @@ from dgkit.identity import hparams_id
 from dgkit.labels import algorithm_choices, default_tag
 from dgkit.report import print_summary, summarise_run
 from dgkit.runfolder import RunFolder
+from dgkit.search import apply_hparams_seed
 from dgkit.tta.runner import format_result, run_tta
 from dgkit.utils.io import read_jsonl
 
@@ -96,6 +97,7 @@ def _missing(node: Any, prefix: str = "") -> list[str]:
 
 def _train(cfg: DictConfig, folder: RunFolder) -> dict[str, Any]:
     check_required(cfg)
+    draws = apply_hparams_seed(cfg)  # before the identity: drawn values are hyper-parameters
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     identity = run_identity(cfg)
@@ -119,6 +121,8 @@ def _train(cfg: DictConfig, folder: RunFolder) -> dict[str, Any]:
         "domains": datamodule.domains,
         **identity,
         "tag": cfg.get("tag") or default_tag(cfg),
+        "hparams_seed": int(cfg.get("hparams_seed") or 0),
+        "draws": draws,
         "max_steps": max_steps,
         "metric": method.task.metric,
         "metric_name": method.task.metric_name,

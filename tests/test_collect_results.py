@@ -205,8 +205,8 @@ def test_mean_and_standard_error_over_seeds(seeds_sweep):
     assert table_row(markdown, heading, "DANN") == ["40.0 (1 seed)", "60.0 (1 seed)", "80.0 (1 seed)", "60.0"]
     # under each table, the selection score behind each cell: here the source domains' out score (FILL)
     section = markdown.split(f"### {heading}\n", 1)[1].split("###", 1)[0]
-    selection = section.split("Selection score (%) behind each cell (mean source-domain `out` score):", 1)[1]
-    assert table_row(f"### s\n{selection}", "s", "ERM") == [f"{100 * FILL:.1f}"] * 2 + ["X"]
+    selection = section.split("Selection score (%) behind each cell (mean source-domain `out` score)", 1)[1]
+    assert table_row(f"### s\n{selection}", "s", "ERM") == [f"{100 * FILL:.1f} [1]"] * 2 + ["X"]  # one candidate
     # no run with two test domains: the leave-one-domain-out table is replaced by a note
     assert f"### toy — {LODO.name}\n\n_Table omitted" in markdown
     assert table_row(markdown, f"toy — {ORACLE.name}", "ERM")[0] == "20.0 ± 4.7"
@@ -223,7 +223,8 @@ def test_average_is_the_mean_of_unrounded_domain_means():
 
 def test_csv_is_long_format(seeds_sweep):
     rows = list(csv.DictReader(io.StringIO(to_csv(summarise(load_runs(seeds_sweep))))))
-    assert list(rows[0]) == ["dataset", "rule", "tag", "test_domain", "mean", "se", "n_seeds", "val_mean"]
+    columns = ["dataset", "rule", "tag", "test_domain", "mean", "se", "n_seeds", "val_mean", "n_candidates"]
+    assert list(rows[0]) == columns
     erm_a = [r for r in rows if r["rule"] == IID.name and r["tag"] == "ERM" and r["test_domain"] == "A"]
     assert len(erm_a) == 1
     assert float(erm_a[0]["mean"]) == pytest.approx(20.0)

@@ -29,7 +29,7 @@ from dgkit.eval.selection import RULES, Choice, SelectionRule, TrainingDomainVal
 from dgkit.utils.io import atomic_write, atomic_write_text
 
 MISSING = "X"
-CSV_COLUMNS = ("dataset", "rule", "tag", "test_domain", "mean", "se", "n_seeds", "val_mean")
+CSV_COLUMNS = ("dataset", "rule", "tag", "test_domain", "mean", "se", "n_seeds", "val_mean", "n_candidates")
 LEGEND = (
     "Cells: 100 × mean ± SE of the selected test-domain score (`in` split; the metric each table names) over seeds, "
     "SE = population std / √n_seeds; (1 seed) = no SE; X = no result; Avg = mean of the domain means."
@@ -44,6 +44,8 @@ class Cell:
     se: float
     n_seeds: int
     choices: dict[int, Choice] = field(default_factory=dict, compare=False)
+    n_candidates: int = 0
+    """Hyper-parameter candidates (``hparams`` ids) of the fold, the most any seed had."""
 
     @property
     def val_mean(self) -> float:
@@ -124,10 +126,11 @@ def to_markdown(summary: Summary, rules: Sequence[SelectionRule] = RULES, metric
                 parts.append(f"_Table omitted: {why.get(rule_name, 'no result')}._")
             else:
                 parts.extend(_markdown_table(rows))
+                what = _VALIDATION.get(rule_name, "validation")
+                parts.extend(["", f"Selection score (%) behind each cell ({what}); [n]: the fold's candidates:", ""])
                 parts.extend(
-                    ["", f"Selection score (%) behind each cell ({_VALIDATION.get(rule_name, 'validation')}):", ""]
+                    _markdown_table(rows, value=lambda c: f"{c.val_mean:.1f} [{c.n_candidates}]", average=False)
                 )
-                parts.extend(_markdown_table(rows, value=lambda c: f"{c.val_mean:.1f}", average=False))
             parts.append("")
     return "\n".join(parts)
 
@@ -144,7 +147,8 @@ def to_csv(summary: Summary) -> str:
                     if cell is not None:
                         mean, se = round(cell.mean, 4), round(cell.se, 4)
                         val = round(cell.val_mean, 4)
-                        writer.writerow([dataset, rule_name, tag, domain, mean, se, cell.n_seeds, val])
+                        row = [dataset, rule_name, tag, domain, mean, se, cell.n_seeds, val, cell.n_candidates]
+                        writer.writerow(row)
     return buffer.getvalue()
 
 
@@ -222,16 +226,17 @@ def _cell(
     rule: SelectionRule, groups: dict[tuple[str, str, int], list[Run]], dataset: str, tag: str, test_domain: str
 ) -> Cell | None:
     """Select per seed for one (dataset, tag, test domain) and aggregate the chosen test scores."""
-    choices = {}
+    choices, candidates = {}, 0
     for (ds, group_tag, seed), runs in groups.items():
         if ds == dataset and group_tag == tag:
             choice = rule.select(runs, test_domain)
             if choice is not None:
                 choices[seed] = choice
+                candidates = max(candidates, len({r.hparams for r in runs if r.test_domains == (test_domain,)}))
     if not choices:
         return None
     mean, se = mean_se([c.test_score for c in choices.values()])
-    return Cell(mean=mean, se=se, n_seeds=len(choices), choices=choices)
+    return Cell(mean=mean, se=se, n_seeds=len(choices), choices=choices, n_candidates=candidates)
 
 
 def _is_empty(rows: dict[str, dict[str, Cell | None]]) -> bool:
