@@ -148,6 +148,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, Method]:
     datamodule = build_datamodule(cfg, backbone)
     meta = run_meta(cfg, datamodule, backbone, records)
     method = _method(cfg, backbone, meta, task)
+    method.use_eval_sets(datamodule.eval_names)
     method.meta = meta
     method.bss = build_bss(cfg)
     method.extra_callbacks = callbacks

@@ -30,7 +30,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_colla
 
 from dgkit.backbones.base import DataConfig
 from dgkit.data.benchmark import Benchmark, eval_splits, resolve_test_domains, seed_hash, split_indices
+from dgkit.data.crafted import CraftedShiftDataset, check_families
 from dgkit.data.transforms import build_transform
+
+CRAFTED = "crafted"
+"""The split name of crafted-shift validation sets in records (``<metric>/<domain>/crafted``)."""
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +154,9 @@ class DGDataModule(pl.LightningDataModule):
         verify: whether the benchmark checked its image files at setup (``data.verify``; the folder presets pass
             it to their benchmark factory, which does the checking).
         on_bad_image: ``error`` or ``skip`` (``data.on_bad_image``, likewise passed to the factory).
+        crafted_families: augmentation families for crafted-shift validation (:mod:`dgkit.data.crafted`): each
+            source domain's ``out`` images under them become a third evaluation split, ``crafted``
+            (``+validation=crafted``); ``None``: none.
     """
 
     def __init__(
@@ -170,6 +177,7 @@ class DGDataModule(pl.LightningDataModule):
         labels_per_class: int | None = None,
         verify: bool = False,
         on_bad_image: str = "error",
+        crafted_families: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -191,6 +199,7 @@ class DGDataModule(pl.LightningDataModule):
         self.views, self.labels_per_class = views, labels_per_class
         self.split_seed = split_seed
         build_transform(self.data_config, augment, train=True)  # validate the policy name now
+        self.crafted_families = check_families(crafted_families, augment) if crafted_families is not None else None
         self.splits: dict[tuple[str, str], np.ndarray] = {}
         for d in self.domains:
             n = len(benchmark.datasets[d])
@@ -230,12 +239,18 @@ class DGDataModule(pl.LightningDataModule):
 
     @property
     def eval_names(self) -> list[tuple[str, str]]:
-        """``(domain, split)`` of each validation dataloader, in order."""
-        return eval_splits(self.domains)
+        """``(domain, split)`` of each validation dataloader, in order: ``in`` and ``out`` of every domain, then
+        ``crafted`` of every source domain when crafted-shift validation is on."""
+        crafted = [(d, CRAFTED) for d in self.source_domains] if self.crafted_families else []
+        return eval_splits(self.domains) + crafted
 
     def split(self, domain: str, split: str, train: bool = False) -> Dataset:
-        """One split of one domain with the training or evaluation pipeline."""
+        """One split of one domain with the training or evaluation pipeline (``crafted``: the ``out`` images
+        under the crafted-shift families, frozen)."""
         transform = build_transform(self.data_config, self.augment, train=train)
+        if split == CRAFTED:
+            subset = Subset(self.benchmark.datasets[domain], self.splits[(domain, "out")].tolist())
+            return CraftedShiftDataset(subset, self.crafted_families, transform, self.split_seed, domain)
         subset = Subset(self.benchmark.datasets[domain], self.splits[(domain, split)].tolist())
         return TransformedDataset(subset, transform)
 

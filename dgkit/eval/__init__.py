@@ -17,6 +17,7 @@ from dgkit.eval.records import (
 from dgkit.eval.selection import (
     RULES,
     Choice,
+    CraftedShiftValidation,
     LeaveOneDomainOut,
     SelectionRule,
     TestDomainOracle,
@@ -40,6 +41,7 @@ __all__ = [
     "RULES",
     "Cell",
     "Choice",
+    "CraftedShiftValidation",
     "LeaveOneDomainOut",
     "RecordsError",
     "Run",

@@ -1,4 +1,5 @@
-"""DomainBed's three model-selection rules (Gulrajani & Lopez-Paz, "In Search of Lost Domain Generalization", 2021).
+"""DomainBed's three model-selection rules (Gulrajani & Lopez-Paz, "In Search of Lost Domain Generalization", 2021),
+and crafted-shift validation (Efthymiadis et al., WACV 2025) as a fourth.
 
 Each rule scores one group of runs: one dataset, one tag (the table row), one seed (DomainBed's trial seed)
 and one test domain ``t``. The group holds every hyper-parameter candidate (``hparams`` id). A rule picks a
@@ -136,8 +137,40 @@ class LeaveOneDomainOut(SelectionRule):
                 yield Choice(val_score=val, test_score=single.score(rec, t, "in"), step=step, hparams=single.hparams)
 
 
-RULES: tuple[SelectionRule, ...] = (TrainingDomainValidation(), LeaveOneDomainOut(), TestDomainOracle())
-"""The rules in DomainBed's table order."""
+class CraftedShiftValidation(SelectionRule):
+    """Argmax over (hparams, step) of the mean ``crafted`` score of the source domains: their ``out`` images under
+    augmentation families training never used (Efthymiadis et al., WACV 2025; :mod:`dgkit.data.crafted`).
+
+    Only evaluations that hold the crafted splits count (runs trained with ``+validation=crafted``).
+    """
+
+    name = "crafted-shift validation"
+    key = "crafted"
+    unavailable = "needs runs trained with crafted-shift validation sets (+validation=crafted); none were found"
+
+    def select(self, runs: Sequence[Run], test_domain: str) -> Choice | None:
+        """See :meth:`SelectionRule.select`."""
+        candidates = (
+            Choice(
+                val_score=sum(run.score(rec, d, "crafted") for d in run.sources) / len(run.sources),
+                test_score=run.score(rec, test_domain, "in"),
+                step=rec["step"],
+                hparams=run.hparams,
+            )
+            for run in _single_test_runs(runs, test_domain)
+            for rec in _by_step(run.records)
+            if all(f"{run.metric}/{d}/crafted" in rec for d in run.sources)
+        )
+        return _argmax(candidates)
+
+
+RULES: tuple[SelectionRule, ...] = (
+    TrainingDomainValidation(),
+    LeaveOneDomainOut(),
+    TestDomainOracle(),
+    CraftedShiftValidation(),
+)
+"""DomainBed's three rules in its table order, then crafted-shift validation."""
 
 
 def group_runs(runs: Iterable[Run]) -> dict[tuple[str, str, int], list[Run]]:

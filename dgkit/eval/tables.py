@@ -248,6 +248,7 @@ _VALIDATION = {
     "training-domain validation set": "mean source-domain `out` score",
     "leave-one-domain-out cross-validation": "mean `in` score of the other held-out domain",
     "test-domain validation set (oracle)": "the held-out domain's `out` score",
+    "crafted-shift validation": "mean source-domain `out` score under unseen augmentation families",
 }
 
 

@@ -208,6 +208,12 @@ class Method(pl.LightningModule):
         """
         return ["the learning-rate scheduler (its horizon may be the step budget)"] if self.scheduler_factory else []
 
+    def use_eval_sets(self, names: Sequence[tuple[str, str]]) -> None:
+        """Evaluate on these ``(domain, split)`` sets, in the DataModule's loader order (the composition root
+        passes ``datamodule.eval_names``: crafted-shift sets join the default ``in``/``out`` splits)."""
+        self.eval_names = list(names)
+        self.val_metrics = nn.ModuleList(self.task.build_metric(self.hparams.num_classes) for _ in self.eval_names)
+
     # ---- deployment -----------------------------------------------------------------------------------
     def to_inference(self) -> nn.Module:
         """A plain module mapping a normalised image batch to the task's outputs, for prediction and export.
