@@ -90,3 +90,19 @@ def test_albumentations_families_render_uint8_images_of_the_same_shape():
         for op in make():
             out = A.Compose([op])(image=image)["image"]
             assert out.dtype == np.uint8 and out.shape == image.shape, (family, type(op).__name__)
+
+
+def test_study_rank_correlation_and_regret_on_hand_built_runs():
+    from dgkit.eval.study import rule_quality
+
+    runs = [
+        _run("h1", out=0.9, crafted=0.2, score=0.3),
+        _run("h2", out=0.5, crafted=0.8, score=0.6),
+        _run("h3", out=0.7, crafted=0.5, score=0.5),
+    ]
+    iid = rule_quality(TrainingDomainValidation(), runs, "A")
+    crafted = rule_quality(CraftedShiftValidation(), runs, "A")
+    # out ranks (3, 1, 2) against held-out ranks (1, 3, 2): perfectly reversed; crafted ranks agree exactly
+    assert iid.spearman == pytest.approx(-1.0) and crafted.spearman == pytest.approx(1.0)
+    assert iid.regret == pytest.approx(0.6 - 0.3) and crafted.regret == pytest.approx(0.0)
+    assert iid.points == crafted.points == 3
