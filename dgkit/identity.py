@@ -16,7 +16,10 @@ RUN_KEYS = (
     "seed", "output_dir", "resume", "threads", "logger", "paths", "tag", "print_summary", "export_backbone", "tta",
 )  # fmt: skip
 DATA_RUN_KEYS = ("test_domains", "root", "num_workers", "eval_batch_size", "crafted_families")
-TRAINER_RUN_KEYS = ("devices", "accelerator", "enable_progress_bar", "log_every_n_steps", "num_nodes", "strategy")
+TRAINER_RUN_KEYS = (
+    "devices", "accelerator", "enable_progress_bar", "log_every_n_steps", "num_nodes", "strategy",
+    "use_distributed_sampler",
+)  # fmt: skip
 _DEFAULT_TASK = "dgkit.tasks.Classification"
 
 

@@ -62,6 +62,16 @@ def test_domain_stream_passes_are_permutations_and_start_anywhere():
     assert [next(resumed) for _ in range(5)] == keys[7:]
 
 
+def test_processes_take_disjoint_batches_of_one_stream():
+    whole = iter(DomainStream(7, seed=0, domain="a"))
+    keys = [next(whole) for _ in range(12)]  # 4 steps of batch 3 in one process
+    ranks = [iter(DomainStream(7, seed=0, domain="a", rank=r, world=2, block=3)) for r in (0, 1)]
+    parts = [[next(stream) for _ in range(6)] for stream in ranks]  # 2 steps of batch 3 in each of 2 processes
+    assert parts[0] == keys[0:3] + keys[6:9] and parts[1] == keys[3:6] + keys[9:12]
+    resumed = iter(DomainStream(7, seed=0, domain="a", start=6, rank=1, world=2, block=3))
+    assert [next(resumed) for _ in range(3)] == keys[9:12]
+
+
 def test_killed_and_resumed_equals_uninterrupted(tiny_cfg, tmp_path, monkeypatch):
     overrides = ("data.augment=digits", "+augment=bss", "trainer.max_steps=6")
     train(tiny_cfg(*overrides, out="whole"))

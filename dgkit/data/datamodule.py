@@ -45,12 +45,21 @@ class DomainStream(Sampler):
     Pass ``e`` over the images follows ``RandomState(seed_hash(seed, domain, "pass", e)).permutation(n)``;
     ``draw`` is the key's position in the stream, which seeds its augmentation. ``start`` skips the first keys
     (a resumed run starts where the interrupted one stopped).
+
+    With several processes (DDP), the stream is cut into blocks of ``block`` keys (a process's batch) and process
+    ``rank`` of ``world`` takes blocks ``rank, rank + world, ...``: the processes see disjoint images, and
+    together one step of ``world`` processes consumes what ``world`` steps of one process would.
     """
 
-    def __init__(self, n: int, seed: int, domain: str, start: int = 0) -> None:
+    def __init__(
+        self, n: int, seed: int, domain: str, start: int = 0, rank: int = 0, world: int = 1, block: int = 1
+    ) -> None:
         if n < 1:
             raise ValueError(f"domain {domain!r} has no training images")
+        if not 0 <= rank < world or block < 1:
+            raise ValueError(f"rank={rank}, world={world}, block={block}: need 0 <= rank < world and block >= 1")
         self.n, self.seed, self.domain, self.start = n, seed, domain, start
+        self.rank, self.world, self.block = rank, world, block
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The image order of pass ``epoch``."""
@@ -61,7 +70,8 @@ class DomainStream(Sampler):
         epoch, position = divmod(draw, self.n)
         order = self.permutation(epoch)
         while True:
-            yield int(order[position]), draw
+            if (draw // self.block) % self.world == self.rank:
+                yield int(order[position]), draw
             draw, position = draw + 1, position + 1
             if position == self.n:
                 epoch, position = epoch + 1, 0
@@ -275,16 +285,20 @@ class DGDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> CombinedLoader:
         """One endless loader per source domain (:meth:`train_split` in :class:`DomainStream` order), combined so
         each step has a batch from each; a resumed run starts at its restored step's stream position."""
-        step = self.trainer.global_step if self.trainer is not None else 0
+        trainer = self.trainer
+        step = trainer.global_step if trainer is not None else 0
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         loaders = {
-            d: self._loader(self.train_split(d), True, self.stream(d, start=step * self.batch_size))
+            d: self._loader(self.train_split(d), True, self.stream(d, step * self.batch_size * world, rank, world))
             for d in self.source_domains
         }
         return CombinedLoader(loaders, mode="max_size_cycle")
 
-    def stream(self, domain: str, start: int = 0) -> DomainStream:
-        """The training stream of a source domain, from position ``start``."""
-        return DomainStream(len(self.train_indices[domain]), self.split_seed, domain, start)
+    def stream(self, domain: str, start: int = 0, rank: int = 0, world: int = 1) -> DomainStream:
+        """The training stream of a source domain from position ``start``; process ``rank`` of ``world`` takes
+        every ``world``-th batch of it (DDP)."""
+        n = len(self.train_indices[domain])
+        return DomainStream(n, self.split_seed, domain, start, rank=rank, world=world, block=self.batch_size)
 
     def val_dataloader(self) -> list[DataLoader]:
         """The ``in`` and ``out`` split of every domain, in :attr:`eval_names` order."""
