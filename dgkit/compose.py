@@ -185,18 +185,24 @@ def build_model(cfg: DictConfig, meta: dict[str, Any]) -> Method:
     return method
 
 
-def _count_steps_done(logger: Any) -> None:
-    """Make ``logger`` record the number of optimisation steps done, as ``results.jsonl`` does.
+class _StepsDone:
+    """``log_metrics`` that records the number of optimisation steps done, as ``results.jsonl`` does.
 
     Lightning passes its 0-based batch index (the evaluation after step 300 reaches TensorBoard as step 299);
-    shifting by one puts every logged value at the step count the run folder's records use.
+    shifting by one puts every logged value at the step count the run folder's records use. A class, not a
+    closure, so the logger still pickles (``ddp_spawn``).
     """
-    log_metrics = logger.log_metrics
 
-    def shifted(metrics: dict[str, float], step: int | None = None) -> None:
-        log_metrics(metrics, None if step is None else step + 1)
+    def __init__(self, log_metrics: Any) -> None:
+        self.log_metrics = log_metrics
 
-    logger.log_metrics = shifted
+    def __call__(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.log_metrics(metrics, None if step is None else step + 1)
+
+
+def _count_steps_done(logger: Any) -> None:
+    """Make ``logger`` log at the number of steps done (:class:`_StepsDone`)."""
+    logger.log_metrics = _StepsDone(logger.log_metrics)
 
 
 def build_trainer(cfg: DictConfig, out: Path, resolved: dict[str, Any], method: Method) -> pl.Trainer:

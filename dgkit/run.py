@@ -15,6 +15,7 @@ or ``export_backbone=true``) and ``done``, written last.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from typing import Any
 
@@ -52,8 +53,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     printed), or extended when ``trainer.max_steps`` grew; an interrupted one resumes exactly.
     """
     folder = RunFolder(cfg.output_dir, cfg.get("resume", "auto"))
+    if launched_rank() > 0:  # a DDP process Lightning started by re-running the command: rank 0 owns the folder
+        return _train(cfg, folder, owner=False)
     with folder.lock():
         return _train(cfg, folder)
+
+
+def launched_rank() -> int:
+    """This process's rank when a launcher started it (Lightning's ``ddp`` subprocesses set ``LOCAL_RANK``;
+    Slurm sets ``SLURM_PROCID``), else 0."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if os.environ.get(key) is not None:
+            return int(os.environ[key])
+    return 0
 
 
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
@@ -95,15 +107,17 @@ def _missing(node: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if node == "???" else []
 
 
-def _train(cfg: DictConfig, folder: RunFolder) -> dict[str, Any]:
+def _train(cfg: DictConfig, folder: RunFolder, owner: bool = True) -> dict[str, Any]:
+    """Train in ``folder``; ``owner=False`` (a DDP process of rank > 0) trains without touching the folder."""
     check_required(cfg)
     draws = apply_hparams_seed(cfg)  # before the identity: drawn values are hyper-parameters
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     identity = run_identity(cfg)
-    folder.prepare(identity)
+    if owner:
+        folder.prepare(identity)
     previous, max_steps = folder.previous(), int(cfg.trainer.max_steps)
-    if folder.finished and previous.get("max_steps", max_steps) == max_steps:
+    if owner and folder.finished and previous.get("max_steps", max_steps) == max_steps:
         log.info("%s is already finished (done marker); pass resume=false to train it again", folder.path)
         final = folder.read_final()
         if cfg.get("print_summary", True):
@@ -113,7 +127,7 @@ def _train(cfg: DictConfig, folder: RunFolder) -> dict[str, Any]:
         return final
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, method = build(cfg)
-    if folder.claimed and folder.mode != "false":
+    if owner and folder.claimed and folder.mode != "false":
         _check_budget(cfg, folder, previous, max_steps, method)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_info = {
@@ -129,7 +143,8 @@ def _train(cfg: DictConfig, folder: RunFolder) -> dict[str, Any]:
         "choices": algorithm_choices(cfg),
         "skipped_images": len(datamodule.benchmark.skipped),
     }
-    folder.write_start(OmegaConf.to_yaml(resolved), run_info)
+    if owner:
+        folder.write_start(OmegaConf.to_yaml(resolved), run_info)
     ckpt_path = folder.resume_checkpoint(checkpoint_problem)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)

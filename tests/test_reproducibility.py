@@ -215,3 +215,12 @@ def test_verify_lists_every_bad_image_and_skip_trains_without_them(tmp_path):
     final = train(_folder_cfg(tmp_path, root, "data.on_bad_image=skip"))
     assert final["skipped_images"] == 2
     assert json.loads((tmp_path / "run" / "run.json").read_text())["skipped_images"] == 2
+
+
+def test_two_process_ddp_writes_one_run(tiny_cfg, tmp_path):
+    """``trainer.strategy=ddp_spawn trainer.devices=2`` on CPU: both processes train, rank 0 writes once."""
+    final = train(tiny_cfg("trainer.devices=2", "trainer.strategy=ddp_spawn"))
+    records = read_jsonl(tmp_path / "run" / "results.jsonl")
+    assert [r["step"] for r in records] == [2, 4] and final["last_step"] == 4
+    assert (tmp_path / "run" / "done").exists()
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["devices"] == "2x1"
