@@ -71,17 +71,7 @@ class TrainingDomainValidation(SelectionRule):
 
     def select(self, runs: Sequence[Run], test_domain: str) -> Choice | None:
         """See :meth:`SelectionRule.select`."""
-        candidates = (
-            Choice(
-                val_score=sum(run.score(rec, d, "out") for d in run.sources) / len(run.sources),
-                test_score=run.score(rec, test_domain, "in"),
-                step=rec["step"],
-                hparams=run.hparams,
-            )
-            for run in _single_test_runs(runs, test_domain)
-            for rec in _by_step(run.records)
-        )
-        return _argmax(candidates)
+        return _argmax(_source_split_candidates(runs, test_domain, "out"))
 
 
 class TestDomainOracle(SelectionRule):
@@ -150,18 +140,7 @@ class CraftedShiftValidation(SelectionRule):
 
     def select(self, runs: Sequence[Run], test_domain: str) -> Choice | None:
         """See :meth:`SelectionRule.select`."""
-        candidates = (
-            Choice(
-                val_score=sum(run.score(rec, d, "crafted") for d in run.sources) / len(run.sources),
-                test_score=run.score(rec, test_domain, "in"),
-                step=rec["step"],
-                hparams=run.hparams,
-            )
-            for run in _single_test_runs(runs, test_domain)
-            for rec in _by_step(run.records)
-            if all(f"{run.metric}/{d}/crafted" in rec for d in run.sources)
-        )
-        return _argmax(candidates)
+        return _argmax(_source_split_candidates(runs, test_domain, "crafted"))
 
 
 RULES: tuple[SelectionRule, ...] = (
@@ -179,6 +158,20 @@ def group_runs(runs: Iterable[Run]) -> dict[tuple[str, str, int], list[Run]]:
     for run in runs:
         groups.setdefault((run.dataset, run.tag, run.seed), []).append(run)
     return {k: sorted(groups[k], key=lambda r: (r.hparams, str(r.path))) for k in sorted(groups)}
+
+
+def _source_split_candidates(runs: Sequence[Run], test_domain: str, split: str) -> Iterator[Choice]:
+    """Every evaluation of the runs holding out ``test_domain`` alone, scored by the mean ``split`` score of its
+    source domains (evaluations without that split for every source are skipped)."""
+    for run in _single_test_runs(runs, test_domain):
+        for rec in _by_step(run.records):
+            if all(f"{run.metric}/{d}/{split}" in rec for d in run.sources):
+                yield Choice(
+                    val_score=sum(run.score(rec, d, split) for d in run.sources) / len(run.sources),
+                    test_score=run.score(rec, test_domain, "in"),
+                    step=rec["step"],
+                    hparams=run.hparams,
+                )
 
 
 def _single_test_runs(runs: Sequence[Run], test_domain: str) -> list[Run]:
