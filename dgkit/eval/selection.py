@@ -41,7 +41,8 @@ class Choice:
 
 
 class SelectionRule(ABC):
-    """A model-selection rule: :meth:`select` scores the runs of one (dataset, tag, seed) for a test domain."""
+    """A model-selection rule: :meth:`candidates` scores every evaluation it may choose among the runs of one
+    (dataset, tag, seed) for a test domain; :meth:`select` takes the best."""
 
     name: ClassVar[str]
     """The rule's name in table headings (DomainBed's wording)."""
@@ -51,13 +52,18 @@ class SelectionRule(ABC):
     """Why a table for this rule can be empty (printed in place of the table)."""
 
     @abstractmethod
-    def select(self, runs: Sequence[Run], test_domain: str) -> Choice | None:
-        """The chosen evaluation for ``test_domain`` among ``runs`` (one dataset, tag and seed), or None.
+    def candidates(self, runs: Sequence[Run], test_domain: str) -> Iterable[Choice]:
+        """Every evaluation the rule may choose for ``test_domain``, with its validation and test score.
 
         Args:
             runs: every run of the group, whatever its test domains; the rule takes those it needs.
             test_domain: the held-out domain ``t`` whose ``<metric>/t/in`` is reported.
         """
+
+    def select(self, runs: Sequence[Run], test_domain: str) -> Choice | None:
+        """The chosen evaluation for ``test_domain`` among ``runs`` (one dataset, tag and seed), or None: the first
+        candidate with the highest validation score."""
+        return _argmax(self.candidates(runs, test_domain))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -69,9 +75,9 @@ class TrainingDomainValidation(SelectionRule):
     name = "training-domain validation set"
     key = "iid"
 
-    def select(self, runs: Sequence[Run], test_domain: str) -> Choice | None:
-        """See :meth:`SelectionRule.select`."""
-        return _argmax(_source_split_candidates(runs, test_domain, "out"))
+    def candidates(self, runs: Sequence[Run], test_domain: str) -> Iterable[Choice]:
+        """See :meth:`SelectionRule.candidates`."""
+        return _source_split_candidates(runs, test_domain, "out")
 
 
 class TestDomainOracle(SelectionRule):
@@ -81,16 +87,14 @@ class TestDomainOracle(SelectionRule):
     key = "oracle"
     __test__ = False  # not a pytest class despite its name
 
-    def select(self, runs: Sequence[Run], test_domain: str) -> Choice | None:
-        """See :meth:`SelectionRule.select`."""
-        candidates = []
+    def candidates(self, runs: Sequence[Run], test_domain: str) -> Iterable[Choice]:
+        """See :meth:`SelectionRule.candidates`."""
         for run in _single_test_runs(runs, test_domain):
             if not run.records:
                 continue
             last = max(run.records, key=lambda r: r["step"])
             val, test = run.score(last, test_domain, "out"), run.score(last, test_domain, "in")
-            candidates.append(Choice(val_score=val, test_score=test, step=last["step"], hparams=run.hparams))
-        return _argmax(candidates)
+            yield Choice(val_score=val, test_score=test, step=last["step"], hparams=run.hparams)
 
 
 class LeaveOneDomainOut(SelectionRule):
@@ -100,12 +104,7 @@ class LeaveOneDomainOut(SelectionRule):
     key = "lodo"
     unavailable = "needs runs with two test domains {t, v} for every pair; none were found"
 
-    def select(self, runs: Sequence[Run], test_domain: str) -> Choice | None:
-        """See :meth:`SelectionRule.select`."""
-        return _argmax(self._candidates(runs, test_domain))
-
-    @staticmethod
-    def _candidates(runs: Sequence[Run], t: str) -> Iterator[Choice]:
+    def candidates(self, runs: Sequence[Run], t: str) -> Iterable[Choice]:
         """Every (hparams, step) where the single run and all n-1 pair runs have an evaluation."""
         for single in _single_test_runs(runs, t):
             others = [v for v in single.domains if v != t]
@@ -138,9 +137,9 @@ class CraftedShiftValidation(SelectionRule):
     key = "crafted"
     unavailable = "needs runs trained with crafted-shift validation sets (+validation=crafted); none were found"
 
-    def select(self, runs: Sequence[Run], test_domain: str) -> Choice | None:
-        """See :meth:`SelectionRule.select`."""
-        return _argmax(_source_split_candidates(runs, test_domain, "crafted"))
+    def candidates(self, runs: Sequence[Run], test_domain: str) -> Iterable[Choice]:
+        """See :meth:`SelectionRule.candidates`."""
+        return _source_split_candidates(runs, test_domain, "crafted")
 
 
 RULES: tuple[SelectionRule, ...] = (

@@ -18,12 +18,7 @@ from dataclasses import dataclass
 from scipy.stats import spearmanr
 
 from dgkit.eval.records import Run
-from dgkit.eval.selection import (
-    CraftedShiftValidation,
-    SelectionRule,
-    TestDomainOracle,
-    TrainingDomainValidation,
-)
+from dgkit.eval.selection import SelectionRule
 
 
 @dataclass(frozen=True)
@@ -35,39 +30,13 @@ class RuleQuality:
     points: int
 
 
-def _points(rule: SelectionRule, runs: Sequence[Run], t: str) -> list[tuple[float, float]]:
-    """(validation, held-out score) of every evaluation the rule scores."""
-    points = []
-    for run in (r for r in runs if r.test_domains == (t,)):
-        records = sorted(run.records, key=lambda r: r["step"])
-        if isinstance(rule, TestDomainOracle):
-            records = records[-1:]
-        for rec in records:
-            if isinstance(rule, TrainingDomainValidation):
-                val = sum(run.score(rec, d, "out") for d in run.sources) / len(run.sources)
-            elif isinstance(rule, CraftedShiftValidation):
-                if not all(f"{run.metric}/{d}/crafted" in rec for d in run.sources):
-                    continue
-                val = sum(run.score(rec, d, "crafted") for d in run.sources) / len(run.sources)
-            else:
-                val = run.score(rec, t, "out")
-            points.append((val, run.score(rec, t, "in")))
-    return points
-
-
 def rule_quality(rule: SelectionRule, runs: Sequence[Run], t: str) -> RuleQuality | None:
     """The rule's quality on fold ``t`` of ``runs`` (one dataset, tag and seed), or ``None`` when it cannot
-    choose there.
-
-    Raises:
-        ValueError: a rule this study does not know how to score.
-    """
-    if not isinstance(rule, TrainingDomainValidation | CraftedShiftValidation | TestDomainOracle):
-        raise ValueError(f"{type(rule).__name__}: the study scores training-domain, crafted-shift and oracle rules")
+    choose there. The points are the rule's own :meth:`~dgkit.eval.selection.SelectionRule.candidates`."""
+    points = [(c.val_score, c.test_score) for c in rule.candidates(runs, t)]
     choice = rule.select(runs, t)
     if choice is None:
         return None
-    points = _points(rule, runs, t)
     best = max(run.score(rec, t, "in") for run in runs if run.test_domains == (t,) for rec in run.records)
     vals, scores = zip(*points)
     rho = float(spearmanr(vals, scores).statistic) if len(set(vals)) > 1 and len(set(scores)) > 1 else float("nan")
