@@ -21,8 +21,9 @@ from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
+
+from dgkit.search import without_search
 
 STAGES = ("before_fit", "after_fit")
 SCOPES = ("backbone", "model")
@@ -78,8 +79,7 @@ def chain_configs(cfg: Any) -> list[dict[str, Any]]:
     if cfg.get("adapter"):
         links.append(cfg.adapter)
     links += list(cfg.get("transforms") or [])
-    plain = [OmegaConf.to_container(c, resolve=True) if not isinstance(c, dict) else dict(c) for c in links]
-    return [{k: v for k, v in c.items() if k != "search"} for c in plain]  # a search space is not an argument
+    return [without_search(c) for c in links]  # a search space is not an argument
 
 
 def _link(config: dict[str, Any]) -> ModelTransform:

@@ -27,6 +27,7 @@ from torch import nn
 from dgkit.callbacks import ConfigInCheckpoint, EvaluateAtLastStep, RandomStateInCheckpoint, ResultsWriter
 from dgkit.chain import TransformContext, apply_chain, chain_configs, replay_chain
 from dgkit.data.style import BatchStylesStandardization
+from dgkit.errors import root_cause
 from dgkit.methods.base import Method
 from dgkit.progress import EvaluationLog, StepProgressBar, quiet_lightning
 from dgkit.search import without_search
@@ -76,9 +77,7 @@ def _instantiate_data(data: Any, **kwargs: Any) -> pl.LightningDataModule:
     try:
         return instantiate(data, _partial_=True)(**kwargs)
     except InstantiationException as err:
-        cause = err
-        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
-            cause = cause.__cause__
+        cause = root_cause(err)
         if isinstance(cause, ValueError | FileNotFoundError | RuntimeError):
             raise cause from None
         raise

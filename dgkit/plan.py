@@ -30,6 +30,7 @@ from omegaconf import DictConfig, open_dict
 
 from dgkit.compose import build, build_trainer
 from dgkit.config import register_resolvers
+from dgkit.data.benchmark import resolve_test_domains
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TEST_DOMAINS = "data.test_domains"
@@ -72,12 +73,6 @@ def compose_job(job: list[str]) -> DictConfig:
         return compose("train", overrides=job)
 
 
-def _test_domains(cfg: DictConfig, domains: list[str]) -> tuple[str, ...]:
-    given = cfg.data.test_domains
-    given = [given] if isinstance(given, str | int) else list(given)
-    return tuple(domains[g] if isinstance(g, int) and str(g) not in domains else str(g) for g in given)
-
-
 def _with_test_domains(job: list[str], held_out: tuple[str, ...]) -> list[str]:
     rest = [o for o in job if not o.split("=", 1)[0].lstrip("+") == TEST_DOMAINS]
     return [*rest, f"{TEST_DOMAINS}=[{','.join(held_out)}]"]
@@ -94,7 +89,7 @@ def plan(overrides: list[str], probe_steps: int = 0) -> SweepPlan:
     first = compose_job(jobs[0])
     data = instantiate(first.data, _partial_=True)(data_config=None, split_seed=0)
     domains = list(data.domains)
-    held = {tuple(job): _test_domains(compose_job(job), domains) for job in jobs}
+    held = {tuple(job): tuple(resolve_test_domains(compose_job(job).data.test_domains, domains)) for job in jobs}
     single = [job for job in jobs if len(held[tuple(job)]) == 1]
     present = {(tuple(sorted(_others(job))), frozenset(held[tuple(job)])) for job in jobs}
     required: dict[tuple, list[str]] = {}  # every pair run leave-one-domain-out needs, once
