@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from PIL import Image
 
 from dgkit.config import register_resolvers
 
@@ -52,3 +54,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def write_image_tree(root: Path, seed: int = 0, bad: int = 0, per_class: int = 6, size: int = 32) -> Path:
+    """A ``root/<domain>/<class>/<i>.png`` tree of random images: domains winter, summer, night; classes cat,
+    dog; ``bad`` unreadable ``fake<i>.png`` files added to ``night/cat``."""
+    rng = np.random.default_rng(seed)
+    for d in ("winter", "summer", "night"):
+        for c in ("cat", "dog"):
+            (root / d / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / d / c / f"{i}.png")
+    for i in range(bad):
+        (root / "night" / "cat" / f"fake{i}.png").write_bytes(b"not an image")
+    return root
+
+
+def folder_run_cfg(tmp_path: Path, root: Path, *extra: str) -> DictConfig:
+    """A 2-step quick-start run on the folder tree at ``root`` (night held out, test_vit, 32 px) into
+    ``tmp_path/run``."""
+    overrides = [
+        "+exp=quickstart", "data=folder", f"data.root={root}", "data.test_domains=[night]", "data.image_size=32",
+        "data.batch_size=4", "data.num_workers=0", "backbone=test_vit", "trainer.max_steps=2",
+        "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "logger=none", "print_summary=false",
+        *extra,
+    ]  # fmt: skip
+    return compose_cfg(overrides, tmp_path / "run")

@@ -25,7 +25,7 @@ from dgkit.methods.base import Method
 from dgkit.predict import predict_checkpoint
 from dgkit.run import train
 from dgkit.utils.io import read_jsonl
-from tests.conftest import ROOT, compose_cfg
+from tests.conftest import ROOT, folder_run_cfg, write_image_tree
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -98,23 +98,8 @@ def test_trainer_test_path_is_gone():
 
 
 # ---- data-free rebuild and predict.py ------------------------------------------------------------------------
-def _tree(root: Path, size: int = 32) -> None:
-    rng = np.random.default_rng(0)
-    for d in ("winter", "summer", "night"):
-        for c in ("cat", "dog"):
-            (root / d / c).mkdir(parents=True)
-            for i in range(6):
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / d / c / f"{i}.png")
-
-
 def test_reload_and_predict_without_the_dataset(tmp_path):
-    _tree(tmp_path / "tree")
-    overrides = [
-        "+exp=quickstart", "data=folder", f"data.root={tmp_path / 'tree'}", "data.test_domains=[night]",
-        "data.image_size=32", "data.batch_size=4", "data.num_workers=0", "backbone=test_vit", "trainer.max_steps=2",
-        "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "logger=none", "print_summary=false",
-    ]  # fmt: skip
-    train(compose_cfg(overrides, tmp_path / "run"))
+    train(folder_run_cfg(tmp_path, write_image_tree(tmp_path / "tree")))
     images = tmp_path / "images"
     images.mkdir()
     for i, f in enumerate(sorted((tmp_path / "tree" / "night").rglob("*.png"))[:5]):

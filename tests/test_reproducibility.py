@@ -7,10 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from dgkit.checkpoint import load_checkpoint_and_data
 from dgkit.data.datamodule import DomainStream
@@ -18,7 +16,7 @@ from dgkit.methods.erm import ERM
 from dgkit.run import train
 from dgkit.runfolder import RunFolder, RunFolderInUse
 from dgkit.utils.io import read_jsonl
-from tests.conftest import compose_cfg
+from tests.conftest import folder_run_cfg, write_image_tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -123,34 +121,12 @@ def test_other_held_out_domains_are_refused(tiny_cfg, tmp_path):
         train(tiny_cfg("data.test_domains=[a]"))
 
 
-def _tree(root: Path, seed: int = 0, bad: int = 0, per_class: int = 6) -> Path:
-    rng = np.random.default_rng(seed)
-    for d in ("winter", "summer", "night"):
-        for c in ("cat", "dog"):
-            (root / d / c).mkdir(parents=True)
-            for i in range(per_class):
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / d / c / f"{i}.png")
-    for i in range(bad):
-        (root / "night" / "cat" / f"fake{i}.png").write_bytes(b"not an image")
-    return root
-
-
-def _folder_cfg(tmp_path: Path, root: Path, *extra: str):
-    overrides = [
-        "+exp=quickstart", "data=folder", f"data.root={root}", "data.test_domains=[night]", "data.image_size=32",
-        "data.batch_size=4", "data.num_workers=0", "backbone=test_vit", "trainer.max_steps=2",
-        "trainer.val_check_interval=2", "trainer.enable_progress_bar=false", "logger=none", "print_summary=false",
-        *extra,
-    ]  # fmt: skip
-    return compose_cfg(overrides, tmp_path / "run")
-
-
 def test_other_data_is_refused_and_a_moved_copy_is_the_same_run(tmp_path):
-    train(_folder_cfg(tmp_path, _tree(tmp_path / "a")))
+    train(folder_run_cfg(tmp_path, write_image_tree(tmp_path / "a")))
     with pytest.raises(ValueError, match="data_fingerprint"):
-        train(_folder_cfg(tmp_path, _tree(tmp_path / "b", seed=1, per_class=7)))  # other images
+        train(folder_run_cfg(tmp_path, write_image_tree(tmp_path / "b", seed=1, per_class=7)))  # other images
     shutil.copytree(tmp_path / "a", tmp_path / "a_copy")
-    final = train(_folder_cfg(tmp_path, tmp_path / "a_copy"))  # the same images elsewhere: already finished
+    final = train(folder_run_cfg(tmp_path, tmp_path / "a_copy"))  # the same images elsewhere: already finished
     assert final["data_fingerprint"] == json.loads((tmp_path / "run" / "run.json").read_text())["data_fingerprint"]
 
 
@@ -171,7 +147,7 @@ def test_a_locked_folder_refuses_and_a_stale_lock_is_taken_over(tiny_cfg, tmp_pa
 
 # ---- relocated data and corrupt checkpoints -------------------------------------------------------------------
 def test_evaluation_reads_moved_data(tmp_path):
-    train(_folder_cfg(tmp_path, _tree(tmp_path / "tree")))
+    train(folder_run_cfg(tmp_path, write_image_tree(tmp_path / "tree")))
     shutil.move(tmp_path / "tree", tmp_path / "moved")
     ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
     with pytest.raises(FileNotFoundError):
@@ -208,11 +184,11 @@ def test_a_corrupt_last_checkpoint_is_named_or_falls_back(tiny_cfg, tmp_path, ca
 
 # ---- bad images ------------------------------------------------------------------------------------------------
 def test_verify_lists_every_bad_image_and_skip_trains_without_them(tmp_path):
-    root = _tree(tmp_path / "tree", bad=2)
+    root = write_image_tree(tmp_path / "tree", bad=2)
     listed = r"2 unreadable image\(s\)(.|\n)*fake0\.png(.|\n)*fake1\.png(.|\n)*on_bad_image=skip"
     with pytest.raises(ValueError, match=listed):
-        train(_folder_cfg(tmp_path, root))
-    final = train(_folder_cfg(tmp_path, root, "data.on_bad_image=skip"))
+        train(folder_run_cfg(tmp_path, root))
+    final = train(folder_run_cfg(tmp_path, root, "data.on_bad_image=skip"))
     assert final["skipped_images"] == 2
     assert json.loads((tmp_path / "run" / "run.json").read_text())["skipped_images"] == 2
 
