@@ -52,8 +52,13 @@ def check_patterns(patterns: Sequence[str], names: Sequence[str], what: str) -> 
             )
 
 
-def select_layers(model: nn.Module, types: tuple[type, ...], include: Sequence[str] | None = None,
-                  exclude: Sequence[str] = (), default_exclude: Sequence[str] = DEFAULT_EXCLUDE) -> list[str]:  # fmt: skip
+def select_layers(
+    model: nn.Module,
+    types: tuple[type, ...],
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    default_exclude: Sequence[str] = DEFAULT_EXCLUDE,
+) -> list[str]:
     """Names of ``model``'s layers of ``types`` under its backbone and head that ``include`` (all when ``None``)
     selects and neither ``exclude`` nor ``default_exclude`` removes.
 
