@@ -113,5 +113,14 @@ class QuantLinear(nn.Module):
         """``x @ dequantised(W).T + bias``."""
         return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
 
+    def float_module(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding the dequantised weight (the float graph an exporter starts from)."""
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            out.weight.copy_(self.weight)
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group={self.group}"
