@@ -154,11 +154,11 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, Method]:
     return datamodule, method
 
 
-def apply_after_fit(cfg: DictConfig, method: Method, datamodule: Any) -> list[dict[str, Any]]:
-    """Apply the chain's ``after_fit`` links (compression) to a trained method; append their records to
-    ``method.meta["chain"]`` and return them."""
+def apply_after_fit(configs: list[dict[str, Any]], method: Method, datamodule: Any) -> list[dict[str, Any]]:
+    """Apply the ``after_fit`` links among ``configs`` (compression) to a trained method with its data for
+    calibration; append their records to ``method.meta["chain"]`` (so the result reloads) and return them."""
     context = TransformContext(stage="after_fit", datamodule=datamodule)
-    records, _ = apply_chain(chain_configs(cfg), method, context)
+    records, _ = apply_chain(configs, method, context)
     method.meta = {**method.meta, "chain": [*method.meta["chain"], *records]}
     return records
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 # Keys that do not change what is learned: left out of the hyper-parameter id.
 RUN_KEYS = (
     "seed", "output_dir", "resume", "threads", "logger", "paths", "tag", "print_summary", "export_backbone", "tta",
+    "compress",
 )  # fmt: skip
 DATA_RUN_KEYS = ("test_domains", "root", "num_workers", "eval_batch_size", "crafted_families")
 TRAINER_RUN_KEYS = (

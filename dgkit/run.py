@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from dgkit.chain import chain_budget_dependence, chain_configs, chain_stages
 from dgkit.checkpoint import checkpoint_problem, read_checkpoint, save_model_checkpoint
 from dgkit.compose import apply_after_fit, build, build_trainer, data_identity
+from dgkit.compress.runner import compress_checkpoint, compress_name, format_change
 from dgkit.export import export_backbone
 from dgkit.identity import hparams_id
 from dgkit.labels import algorithm_choices, default_tag
@@ -124,6 +125,8 @@ def _train(cfg: DictConfig, folder: RunFolder, owner: bool = True) -> dict[str, 
             print_summary(final, final["domains"], final["test_domains"])
         if _tta_requested(cfg) and _tta_requested(cfg) not in final.get("tta", {}):
             final = _with_tta(cfg, folder, final)
+        if _compress_requested(cfg) and _compress_requested(cfg) not in final.get("compress", {}):
+            final = _with_compress(cfg, folder, final)
         return final
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, method = build(cfg)
@@ -172,6 +175,8 @@ def _train(cfg: DictConfig, folder: RunFolder, owner: bool = True) -> dict[str, 
         print(f"  python scripts/predict.py ckpt={best} images=DIR")
     if _tta_requested(cfg):
         final = _with_tta(cfg, folder, final)
+    if _compress_requested(cfg):
+        final = _with_compress(cfg, folder, final)
     folder.mark_done()
     return final
 
@@ -202,7 +207,7 @@ def _after_fit(cfg: DictConfig, folder: RunFolder, resolved: dict[str, Any], met
     if "after_fit" not in chain_stages(chain_configs(cfg)):
         return None
     method.load_state_dict(read_checkpoint(folder.best_checkpoint)["state_dict"])
-    apply_after_fit(cfg, method, datamodule)
+    apply_after_fit(chain_configs(cfg), method, datamodule)
     path = save_model_checkpoint(folder.checkpoints / "transformed.ckpt", resolved, method)
     log.info("after-fit transforms applied to the selected step; written to %s", path)
     return str(path)
@@ -229,5 +234,29 @@ def _with_tta(cfg: DictConfig, folder: RunFolder, final: dict[str, Any]) -> dict
     sets = {d: {"acc_none": r["acc_none"], "acc_tta": r["acc_tta"]} for d, r in result["sets"].items()}
     entry = {"batch_size": tta.batch_size, "sets": sets, "time_ratio": result["time_ratio"], "file": str(path)}
     final = {**final, "tta": {**final.get("tta", {}), tta.name: entry}}
+    folder.write_final(final)
+    return final
+
+
+def _compress_requested(cfg: DictConfig) -> str | None:
+    """The name of the compression to apply to the selected checkpoint (``compress=NAME``), or ``None``."""
+    block = cfg.get("compress")
+    if not block or not block.get("_target_"):
+        return None
+    return compress_name(block)
+
+
+def _with_compress(cfg: DictConfig, folder: RunFolder, final: dict[str, Any]) -> dict[str, Any]:
+    """Compress the selected checkpoint (``best.ckpt``) with ``cfg.compress`` into ``variants/<name>/`` (a row of
+    the result tables) and add its held-out scores before and after under ``final.json``'s ``compress`` key."""
+    name = _compress_requested(cfg)
+    result = compress_checkpoint(folder.best_checkpoint, cfg.compress, name)
+    metric = final["metric"]
+    if cfg.get("print_summary", True):
+        print(format_change(result, final["test_domains"], metric))
+    held_out = {t: {"before": result["before"][f"{metric}/{t}/in"], "after": result["after"][f"{metric}/{t}/in"]}
+                for t in final["test_domains"]}  # fmt: skip
+    entry = {"label": result["label"], "folder": result["folder"], "test_score": held_out}
+    final = {**final, "compress": {**final.get("compress", {}), name: entry}}
     folder.write_final(final)
     return final

@@ -26,22 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dgkit.config import register_resolvers  # noqa: E402
 from dgkit.errors import run_reporting_user_errors  # noqa: E402
 from dgkit.tta.runner import format_result, run_tta  # noqa: E402
+from dgkit.utils.cli import quote_paths  # noqa: E402
 
 register_resolvers()
-
-PATH_KEYS = ("ckpt", "out", "data.root", "paths.datasets")
-
-
-def quote_paths(argv: list[str]) -> list[str]:
-    """Quote the values of path arguments for Hydra's override parser, so a run folder's path works as printed
-    (run folders are named after their overrides: ``outputs/runs/+exp=quickstart/...`` holds ``=`` and ``+``)."""
-    out = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key in PATH_KEYS and value and value[0] not in "'\"":
-            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-        out.append(f"{key}{sep}{value}" if sep else arg)
-    return out
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="evaluate")

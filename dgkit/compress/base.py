@@ -91,6 +91,8 @@ class CompressionTransform(ModelTransform):
         include: layer patterns to compress (``None``: every layer of the kind the link handles).
         exclude: layer patterns to leave alone, on top of ``default_exclude``.
         default_exclude: left alone unless removed from this list: the head and the patch embedding.
+        name: the variant's name (its folder under ``variants/`` and its table label); ``None``: the config's
+            ``compress`` choice.
     """
 
     stage: ClassVar[str] = "after_fit"
@@ -98,7 +100,9 @@ class CompressionTransform(ModelTransform):
     layer_types: ClassVar[tuple[type, ...]] = (nn.Linear,)
 
     def __init__(self, calibration: dict[str, Any] | None = None, include: Sequence[str] | None = None,
-                 exclude: Sequence[str] = (), default_exclude: Sequence[str] = DEFAULT_EXCLUDE) -> None:  # fmt: skip
+                 exclude: Sequence[str] = (), default_exclude: Sequence[str] = DEFAULT_EXCLUDE,
+                 name: str | None = None) -> None:  # fmt: skip
+        self.name = name
         calibration = dict(calibration or {})
         self.images_per_domain = int(calibration.get("images_per_domain", 64))
         self.allow_target = bool(calibration.get("allow_target", False))

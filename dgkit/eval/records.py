@@ -27,6 +27,8 @@ from typing import Any
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.jsonl"
 DONE_FILE = "done"
+VARIANTS_DIR = "variants"
+"""A run's derived models (compressed, exported): each a run folder below it (dgkit.variants)."""
 LEGACY_METRIC = ("acc", "accuracy")
 """The metric of run folders written before runs recorded theirs (classification accuracy)."""
 
@@ -65,7 +67,8 @@ class Run:
 def find_run_dirs(root: str | os.PathLike) -> list[Path]:
     """Every directory below ``root`` (``root`` included) that holds a ``run.json``, sorted.
 
-    The walk does not descend into a run directory (its checkpoints and logs hold no further runs).
+    The walk does not descend into a run directory (its checkpoints and logs hold no further runs), except into
+    its ``variants/`` folder: the run's compressed and exported models, each a run folder (:mod:`dgkit.variants`).
     """
     root = Path(root)
     if not root.is_dir():
@@ -74,7 +77,7 @@ def find_run_dirs(root: str | os.PathLike) -> list[Path]:
     for current, dirs, files in os.walk(root):
         if RUN_FILE in files:
             found.append(Path(current))
-            dirs.clear()
+            dirs[:] = [d for d in dirs if d == VARIANTS_DIR]
         else:
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
     return sorted(found)

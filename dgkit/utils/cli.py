@@ -30,3 +30,18 @@ def parse_with_overrides(
     (:func:`split_overrides`); ``argv`` defaults to the command line."""
     flags, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     return parser.parse_args(flags), overrides
+
+
+PATH_KEYS = ("ckpt", "out", "data.root", "paths.datasets")
+
+
+def quote_paths(argv: list[str]) -> list[str]:
+    """Quote the values of path arguments for Hydra's override parser, so a run folder's path works as printed
+    (run folders are named after their overrides: ``outputs/runs/+exp=quickstart/...`` holds ``=`` and ``+``)."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in PATH_KEYS and value and value[0] not in "'\"":
+            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        out.append(f"{key}{sep}{value}" if sep else arg)
+    return out
