@@ -3,7 +3,10 @@
 :func:`predict_checkpoint` rebuilds the model from a checkpoint (:func:`dgkit.checkpoint.load_checkpoint`),
 takes :meth:`~dgkit.methods.base.Method.to_inference` (adapters merged, training-only parts dropped), applies the
 evaluation pipeline built from the stored ``data_config`` (resize + normalise, as validation did) and writes
-``predictions.csv`` with one row per image: ``path, class, probability``. ``scripts/predict.py`` is its command.
+``predictions.csv`` with one row per image: ``path, class, probability``. Given an export folder instead
+(``scripts/export.py``: a directory with ``manifest.json``), it runs the exported model
+(:func:`dgkit.export.runtime.load_export`) with the manifest's preprocessing, classes and task; the CSV is the same.
+``scripts/predict.py`` is its command.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import csv
 import glob
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -21,6 +24,7 @@ from dgkit.backbones.base import DataConfig
 from dgkit.checkpoint import load_checkpoint
 from dgkit.data.folder import IMAGE_EXTENSIONS, read_image
 from dgkit.data.transforms import build_transform
+from dgkit.export.runtime import load_export
 from dgkit.tasks import Task
 from dgkit.utils.io import atomic_write_text
 
@@ -61,12 +65,16 @@ def data_config_from_meta(stored: dict) -> DataConfig:
 
 @torch.no_grad()
 def predict_files(
-    model: nn.Module, task: Task, data_config: DataConfig, files: Sequence[Path], batch_size: int = 64
+    model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+    task: Task,
+    data_config: DataConfig,
+    files: Sequence[Path],
+    batch_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(predicted classes (N,), their probabilities (N,))`` of ``model`` on image files.
 
     Args:
-        model: an inference module (normalised images to the task's outputs), in eval mode.
+        model: an inference module (normalised images to the task's outputs), in eval mode, or an exported model.
         task: the task whose prediction rule and probabilities apply.
         data_config: the preprocessing (the checkpoint's).
         files: image paths; an unreadable one raises naming the file.
@@ -96,16 +104,26 @@ def predictions_csv(files: Sequence[Path], classes: torch.Tensor, probabilities:
 
 
 def predict_checkpoint(ckpt: str | Path, images: str | Path, out: str | Path, batch_size: int = 64) -> Path:
-    """Predict every image of ``images`` with the checkpoint's model; write ``out`` (CSV, atomically).
+    """Predict every image of ``images`` with the model of ``ckpt`` (a checkpoint file or an export folder); write
+    ``out`` (CSV, atomically).
 
     Raises:
-        FileNotFoundError: no checkpoint or no images.
-        ValueError: not a dgkit checkpoint, or a method with no trained head (SimCLR).
+        FileNotFoundError: no checkpoint, an export folder without a manifest, or no images.
+        ValueError: not a dgkit checkpoint, a foreign export manifest, or a method with no trained head (SimCLR).
         RuntimeError: an unreadable image (named).
     """
     files = find_images(images)
+    model, task, data_config, names = load_predictor(ckpt)
+    classes, probabilities = predict_files(model, task, data_config, files, batch_size)
+    return atomic_write_text(out, predictions_csv(files, classes, probabilities, names))
+
+
+def load_predictor(ckpt: str | Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], Task, DataConfig, list[str]]:
+    """``(model, task, preprocessing, class names)`` of a checkpoint file (``to_inference()``) or of an export
+    folder (a directory holding ``manifest.json``: the exported model)."""
+    if Path(ckpt).is_dir():
+        exported = load_export(ckpt)
+        return exported, exported.task, exported.data_config, exported.classes
     _, method = load_checkpoint(ckpt)
-    model = method.to_inference()
-    data_config = data_config_from_meta(method.meta["data_config"])
-    classes, probabilities = predict_files(model, method.task, data_config, files, batch_size)
-    return atomic_write_text(out, predictions_csv(files, classes, probabilities, method.meta["classes"]))
+    stored = data_config_from_meta(method.meta["data_config"])
+    return method.to_inference(), method.task, stored, list(method.meta["classes"])

@@ -1,12 +1,14 @@
-"""Predict with a trained checkpoint on image files, with the preprocessing stored in the checkpoint.
+"""Predict with a trained checkpoint, or its export folder, on image files, with the stored preprocessing.
 
 Usage::
 
     python scripts/predict.py ckpt=outputs/runs/<run>/checkpoints/best.ckpt images=path/to/folder
     python scripts/predict.py ckpt=... 'images=photos/*.png' out=preds.csv batch_size=32
+    python scripts/predict.py ckpt=outputs/runs/<run>/exports/onnx images=path/to/folder   # an export folder
 
-Writes ``predictions.csv`` (``path, class, probability``; default: next to the run folder's ``checkpoints/``)
-atomically. No dataset is needed: the checkpoint holds the class names and the preprocessing.
+Writes ``predictions.csv`` (``path, class, probability``; default: next to the run folder's ``checkpoints/``, or
+``predictions-<export>.csv`` beside an export folder) atomically. No dataset is needed: the checkpoint (or the
+export's ``manifest.json``, see ``scripts/export.py``) holds the class names and the preprocessing.
 """
 
 from __future__ import annotations
@@ -21,8 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dgkit.errors import EXIT_USER_ERROR  # noqa: E402
 from dgkit.predict import predict_checkpoint  # noqa: E402
 
-USAGE = "usage: python scripts/predict.py ckpt=PATH images=DIR_OR_GLOB [out=predictions.csv] [batch_size=64]"
+USAGE = (
+    "usage: python scripts/predict.py ckpt=CHECKPOINT_OR_EXPORT_FOLDER images=DIR_OR_GLOB [out=predictions.csv] "
+    "[batch_size=64]"
+)
 KEYS = ("ckpt", "images", "out", "batch_size")
+
+
+def default_out(ckpt: Path) -> Path:
+    """``<run folder>/predictions.csv`` for a run's checkpoint; ``predictions-<name>.csv`` beside an export folder."""
+    if ckpt.is_dir():
+        return ckpt.resolve().parent / f"predictions-{ckpt.resolve().name}.csv"
+    return ckpt.resolve().parents[1] / "predictions.csv"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {'unknown keys ' + str(unknown) if unknown else 'ckpt= and images= are required'}\n{USAGE}",
               file=sys.stderr)  # fmt: skip
         return 2
-    out = Path(args.get("out") or Path(args["ckpt"]).resolve().parents[1] / "predictions.csv")
+    out = Path(args.get("out") or default_out(Path(args["ckpt"])))
     try:
         path = predict_checkpoint(args["ckpt"], args["images"], out, int(args.get("batch_size", 64)))
     except (FileNotFoundError, ValueError, RuntimeError) as err:
