@@ -35,6 +35,7 @@ from dgkit.export.manifest import build_manifest, write_manifest
 from dgkit.export.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx, model_bytes
 from dgkit.export.runtime import OrtModel, ort_session
 from dgkit.utils.io import atomic_write_json
+from dgkit.variants import run_folder_of
 
 KINDS = ("onnx", "torch")
 MODEL_FILES = {"onnx": "model.onnx", "torch": "model.pt2"}
@@ -43,15 +44,20 @@ INT8_SUFFIX = "Int8Quantize"
 
 
 def compress_names(meta: dict[str, Any]) -> list[str]:
-    """The lower-cased class names of the checkpoint's ``after_fit`` links (``rtnquantize``), in order."""
-    records = [r for r in meta.get("chain") or [] if r.get("stage") == "after_fit"]
-    return [str((r.get("config") or {}).get("_target_", "link")).rsplit(".", 1)[-1].lower() for r in records]
+    """The names of the checkpoint's ``after_fit`` links, in order: each config's ``name`` (``awq_w4``), else its
+    class name in lower case."""
+    names = []
+    for record in meta.get("chain") or []:
+        if record.get("stage") == "after_fit":
+            config = record.get("config") or {}
+            names.append(str(config.get("name") or str(config.get("_target_", "link")).rsplit(".", 1)[-1].lower()))
+    return names
 
 
 def default_out_dir(ckpt: str | Path, kind: str, meta: dict[str, Any]) -> Path:
-    """``<run folder>/exports/<kind>[-<compression links>]`` for a run's ``checkpoints/<name>.ckpt``."""
-    ckpt = Path(ckpt).resolve()
-    run = ckpt.parents[1] if ckpt.parent.name == "checkpoints" else ckpt.parent
+    """``<run folder>/exports/<kind>[-<compression names>]`` (``exports/onnx-awq_w4`` for
+    ``<run>/variants/awq_w4/model.ckpt``); beside the checkpoint when it is not inside a run folder."""
+    run = run_folder_of(ckpt) or Path(ckpt).resolve().parent
     return run / "exports" / "-".join([kind, *compress_names(meta)])
 
 
