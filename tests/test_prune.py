@@ -309,6 +309,15 @@ def test_structured_heads_refuses_a_cnn(tiny_cfg):
         StructuredPrune(target="heads").transform(method, TransformContext(AFTER_FIT))
 
 
+@pytest.mark.parametrize("importance", ["wanda", "dpruner"])
+def test_a_layer_off_the_forward_path_is_named(importance, one_thread):
+    model = conv_toy()
+    model.backbone = nn.ModuleDict({"body": model.backbone[:5], "unused": nn.Linear(5, 5)})
+    model.forward = lambda x: model.classifier(model.backbone["body"](x))
+    with pytest.raises(ValueError, match=r"backbone\.unused.*exclude"):
+        UnstructuredPrune(importance=importance).transform(model, TransformContext(AFTER_FIT, image_data()))
+
+
 def test_calibration_and_recovery_never_read_held_out_domains(tiny_cfg, one_thread):
     _, datamodule, method = tiny_method(tiny_cfg)
     for domain in datamodule.test_domains:

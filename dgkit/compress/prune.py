@@ -98,6 +98,13 @@ def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask.reshape(scores.shape)
 
 
+def _check_reached(seen: dict[str, Any]) -> None:
+    """Raise when a selected layer saw no input during calibration (it is not on the forward path)."""
+    missed = [n for n, v in seen.items() if v is None or (isinstance(v, dict) and not v)]
+    if missed:
+        raise ValueError(f"compress: layers {missed} saw no input on the calibration images; exclude them")
+
+
 def _mean_normalised(x: torch.Tensor) -> torch.Tensor:
     return x / x.mean().clamp(min=1e-12)
 
@@ -121,8 +128,9 @@ def input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect_hessians(model: nn.Module, names: list[str], calibration: Calibration) -> dict[str, torch.Tensor]:
-    """``{layer: H (groups, K, K)}``, ``H = (2/n) Σ x xᵀ`` over every calibration input row of every domain."""
+def collect_hessians(model: nn.Module, names: list[str], calibration: Calibration) -> dict[str, torch.Tensor | None]:
+    """``{layer: H (groups, K, K)}``, ``H = (2/n) Σ x xᵀ`` over every calibration input row of every domain
+    (``None`` for a layer the images never reach)."""
     modules = {n: model.get_submodule(n) for n in names}
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = dict.fromkeys(names, 0)
@@ -146,7 +154,7 @@ def collect_hessians(model: nn.Module, names: list[str], calibration: Calibratio
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {n: 2 * sums[n] / max(rows[n], 1) for n in names}
+    return {n: 2 * sums[n] / rows[n] if rows[n] else None for n in names}
 
 
 def domain_gradients(model: nn.Module, params: dict[str, nn.Parameter],
@@ -326,6 +334,7 @@ class UnstructuredPrune(CompressionTransform):
             return {n: m.weight.detach().abs() for n, m in layers.items()}
         if self.importance == "wanda":
             stats = collect_inputs(model, names, calibration)
+            _check_reached(stats)
             norms = {n: {d: s.norm.to(layers[n].weight) for d, s in stats[n].items()} for n in names}
             return {n: wanda_scores(m, norms[n], self.combine, self.domain_weights) for n, m in layers.items()}
         return self._dpruner(model, layers, calibration)
@@ -333,6 +342,7 @@ class UnstructuredPrune(CompressionTransform):
     def _dpruner(self, model: nn.Module, layers: dict[str, nn.Module], calibration: Calibration) -> dict:
         """``general_weight·Ĝ + (1 − general_weight)·D̂`` per layer (see the module docstring)."""
         hessians = collect_hessians(model, list(layers), calibration)
+        _check_reached(hessians)
         grads = domain_gradients(model, {n: m.weight for n, m in layers.items()}, calibration)
         out = {}
         for name, layer in layers.items():

@@ -172,18 +172,18 @@ class StructuredPrune(CompressionTransform):
         example = torch.zeros(input_shape, device=next(model.parameters()).device)
         calibration = self.calibrate(context) if self.importance == "taylor" else None
         before = {n: self._width(model, n) for n in roots}
-        macs_before, params_before = tp.utils.count_ops_and_params(model, example)
         was_training = model.training
-        model.eval()
+        model.eval()  # tracing and counting run forward passes: no batch-norm statistics update, no dropout
         try:
+            macs_before, params_before = tp.utils.count_ops_and_params(model, example)
             history, skipped = self._prune(model, roots, example, calibration)
+            heads = _attention_heads(model)
+            macs_after, params_after = tp.utils.count_ops_and_params(model, example)
         finally:
             model.train(was_training)
-        heads = _attention_heads(model)
         recovery = None
         if self.recover_steps:
             recovery = recover(model, context.datamodule, self.recover_steps, self.recover_lr)
-        macs_after, params_after = tp.utils.count_ops_and_params(model, example)
         report = {
             "target": self.targets,
             "ratio": self.ratio,
