@@ -139,7 +139,8 @@ class StructuredPrune(CompressionTransform):
         check_choices(importance, IMPORTANCES, combine, domain_weights, recover_steps, recover_lr)
         if not 0 < ratio < 1:
             raise ValueError(f"compress ratio={ratio} must be in (0, 1)")
-        self.layer_types = tuple({nn.Conv2d if t == "conv" else nn.Linear for t in self.targets})
+        kinds = {nn.Conv2d if t == "conv" else nn.Linear for t in self.targets}
+        self.layer_types = tuple(t for t in (nn.Linear, nn.Conv2d) if t in kinds)
         self.ratio, self.importance, self.combine = float(ratio), importance, combine
         self.domain_weights = dict(domain_weights) if domain_weights else None
         self.recover_steps, self.recover_lr = int(recover_steps), float(recover_lr)
