@@ -275,6 +275,10 @@ class UnstructuredPrune(CompressionTransform):
         recover_steps: Adam steps of masked fine-tuning on the source domains after pruning (0: none).
         recover_lr: their learning rate.
         calibration, include, exclude, default_exclude: see :class:`~dgkit.compress.base.CompressionTransform`.
+
+    State: ``{"layers": {layer: sparsity reached}, "calibration": Calibration.record() or None (magnitude),
+    "report": {"importance", "combine", "general_weight", "target_sparsity", "layers", "sparsity" (per layer),
+    "overall_sparsity", "recovery" ({"steps", "lr", "loss_first", "loss_last"} or None)}}``.
     """
 
     layer_types: ClassVar[tuple[type, ...]] = (nn.Linear, nn.Conv2d)
@@ -315,6 +319,7 @@ class UnstructuredPrune(CompressionTransform):
         report = {
             "importance": self.importance,
             "combine": None if self.importance == "magnitude" else self.combine,
+            "general_weight": self.general_weight if self.importance == "dpruner" else None,
             "target_sparsity": self.sparsity,
             "layers": names,
             "sparsity": reached,

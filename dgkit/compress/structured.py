@@ -127,6 +127,11 @@ class StructuredPrune(CompressionTransform):
         recover_steps: Adam steps of fine-tuning on the source domains after pruning (0: none).
         recover_lr: their learning rate.
         calibration, include, exclude, default_exclude: see :class:`~dgkit.compress.base.CompressionTransform`.
+
+    State: ``{"history": [[root layer, output side?, [removed indices]], ...], "input_shape": [1, C, H, W],
+    "heads": {attention: heads left}, "calibration": Calibration.record() or None (magnitude), "report": {"target",
+    "ratio", "importance", "combine", "params": [before, after], "macs": [before, after], "channels": {root:
+    [before, after]}, "skipped" (roots whose group reaches the head), "recovery"}}``.
     """
 
     layer_types: ClassVar[tuple[type, ...]] = (nn.Linear, nn.Conv2d)
