@@ -225,8 +225,9 @@ class WeightQuantize(CompressionTransform):
         was_training = model.training
         model.eval()
         try:
+            device = next(model.parameters()).device
             for _, x, _ in calibration.batches():
-                model(x)
+                model(x.to(device))
         finally:
             for h in handles:
                 h.remove()

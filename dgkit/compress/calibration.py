@@ -157,9 +157,10 @@ def collect_inputs(model: nn.Module, names: Sequence[str], calibration: Calibrat
     was_training = model.training
     model.eval()
     try:
+        device = next(model.parameters()).device
         for domain, x, _ in calibration.batches(batch_size):
             current["domain"] = domain
-            model(x)
+            model(x.to(device))
     finally:
         for h in handles:
             h.remove()
@@ -192,5 +193,5 @@ def combine_domains(scores: dict[str, torch.Tensor], how: str = "mean",
     missing = [d for d in normalised if d not in (weights or {})]
     if missing:
         raise ValueError(f"combine=weighted needs a weight for every domain; missing {missing}")
-    w = torch.tensor([float(weights[d]) for d in normalised], dtype=stacked.dtype)
+    w = torch.tensor([float(weights[d]) for d in normalised], dtype=stacked.dtype, device=stacked.device)
     return (stacked * (w / w.sum())[:, None].reshape(-1, *([1] * (stacked.dim() - 1)))).sum(0)
