@@ -273,7 +273,9 @@ class WeightQuantize(CompressionTransform):
                 net.eval()
             num = {"awq": 0.0, "rtn": 0.0}
             den = 0.0
+            device = next(reference.parameters()).device
             for _, x, _ in calibration.batches():
+                x = x.to(device)
                 y = reference(x)
                 den += float(y.pow(2).sum())
                 num["awq"] += float((awq(x) - y).pow(2).sum())
