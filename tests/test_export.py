@@ -30,6 +30,7 @@ from tests.conftest import ROOT, folder_run_cfg, write_image_tree
 
 AWQ_W4 = {"_target_": "dgkit.compress.awq.WeightQuantize", "name": "awq_w4", "bits": 4, "group": 32,
           "calibration": {"images_per_domain": 8}}  # fmt: skip
+INT8 = {"_target_": "dgkit.compress.int8.Int8Quantize", "name": "int8", "calibration": {"images_per_domain": 8}}
 
 
 def _script(name: str):
@@ -201,6 +202,19 @@ def test_awq_checkpoint_exports_to_matmul_nbits(awq_folder, run):
         expected = eager(x)
         got = load_export(awq_folder)(x)
     assert ((got - expected).norm() / expected.norm()) <= 1e-4
+
+
+def test_int8_checkpoint_exports_through_the_qdq_pass(run):
+    result = compress_checkpoint(run / "checkpoints" / "best.ckpt", INT8, "int8")
+    folder = export_checkpoint(result["checkpoint"], bench_runs=20)
+    assert folder == run / "exports" / "onnx-int8"
+    manifest = read_manifest(folder)
+    assert manifest["model"]["int8_qdq_layers"] and not manifest["model"]["matmul_nbits"]
+    assert manifest["calibration"][0]["counts"] == {"summer": 8, "winter": 8}
+    (check,) = json.loads((folder / "parity.json").read_text())["checks"]
+    assert check["name"] == "quantised_runtime_vs_fake_quant" and check["top1_agreement"] >= 0.99
+    ops = {n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
 
 # ---- a failed export leaves nothing ---------------------------------------------------------------------------

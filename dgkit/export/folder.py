@@ -3,7 +3,8 @@
 :func:`export_checkpoint` rebuilds the run (:func:`dgkit.checkpoint.load_checkpoint_and_data`: the model and its
 benchmark), takes ``method.to_inference()`` as the eager reference and writes, into a temporary sibling folder:
 
-* ``model.onnx`` (``kind="onnx"``: :mod:`dgkit.export.onnx`, quantised linears as ``MatMulNBits``) or
+* ``model.onnx`` (``kind="onnx"``: :mod:`dgkit.export.onnx`, quantised linears as ``MatMulNBits``; a chain with an
+  ``Int8Quantize`` link goes through :func:`dgkit.export.qdq.quantize_qdq` on the link's own calibration images) or
   ``model.pt2`` (``kind="torch"``: a ``torch.export`` program, batch dimension dynamic; optionally an
   AOTInductor package ``model_aoti.pt2``);
 * ``parity.json`` (:mod:`dgkit.export.parity`, run on the written file);
@@ -25,12 +26,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
+from hydra.utils import instantiate
 from torch import nn
 from torch._inductor import aoti_compile_and_package
 
+from dgkit.chain import TransformContext
 from dgkit.checkpoint import load_checkpoint_and_data
-from dgkit.export import bench, parity
+from dgkit.export import bench, parity, qdq
 from dgkit.export.manifest import build_manifest, write_manifest
 from dgkit.export.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx, model_bytes
 from dgkit.export.runtime import OrtModel, ort_session
@@ -41,6 +45,9 @@ KINDS = ("onnx", "torch")
 MODEL_FILES = {"onnx": "model.onnx", "torch": "model.pt2"}
 AOTI_FILE = "model_aoti.pt2"
 INT8_SUFFIX = "Int8Quantize"
+
+Int8Input = tuple[dict[str, Any], torch.Tensor]  # the int8 link's chain record and its calibration images
+Written = tuple[dict[str, Any], list[dict], Callable]  # the manifest's model entry, parity checks, the runtime
 
 
 def compress_names(meta: dict[str, Any]) -> list[str]:
@@ -92,27 +99,29 @@ def export_checkpoint(
     Raises:
         FileNotFoundError: no checkpoint, or its dataset (give ``overrides={"data.root": ...}``).
         FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
-        ValueError: an unknown kind, or a bad argument.
+        ValueError: an unknown kind, a bad argument, or int8 calibration images that are not the link's.
         ParityError: the export disagrees with its reference beyond ``thresholds`` (nothing is written).
-        NotImplementedError: an int8 (QDQ) chain link, whose ONNX pass is not in dgkit yet.
     """
     if kind not in KINDS:
         raise ValueError(f"export={kind!r}: choose one of {KINDS}")
     if threads < 1 or bench_runs < 1:
         raise ValueError(f"threads={threads} and bench_runs={bench_runs} must be >= 1")
+    if aoti and kind != "torch":
+        raise ValueError("aoti=true applies to export=torch only")
     thresholds = thresholds or parity.ParityThresholds()
     _, datamodule, method = load_checkpoint_and_data(ckpt, overrides)
-    if kind == "onnx":
-        _refuse_int8(method.meta)
     eager = method.to_inference()
     images = parity.parity_images(datamodule, images_per_domain, seed)
     reference = parity.outputs(eager, images)
     out = Path(out_dir) if out_dir is not None else default_out_dir(ckpt, kind, method.meta)
     with staged_folder(out, overwrite) as folder:
         start = time.perf_counter()
-        write = _write_onnx if kind == "onnx" else _write_torch
-        model_entry, checks, runner = write(eager, _example(images), folder, images, reference, thresholds, threads,
-                                            aoti)  # fmt: skip
+        if kind == "onnx":
+            int8 = int8_calibration(method.meta, datamodule)
+            written = _write_onnx(eager, _example(images), folder, images, reference, thresholds, threads, int8)
+        else:
+            written = _write_torch(eager, _example(images), folder, images, reference, thresholds, threads, aoti)
+        model_entry, checks, runner = written
         seconds = time.perf_counter() - start
         result = parity.report(checks, thresholds, images, seed)
         atomic_write_json(folder / "parity.json", result)
@@ -132,48 +141,65 @@ def _example(images: dict[str, torch.Tensor]) -> torch.Tensor:
     return x if len(x) == 2 else x.repeat(2, 1, 1, 1)
 
 
-def _refuse_int8(meta: dict[str, Any]) -> None:
-    """Stop on an int8 link: its QDQ pass (``dgkit.export.qdq.quantize_qdq``) is not in dgkit yet.
+def int8_calibration(meta: dict[str, Any], datamodule: Any) -> Int8Input | None:
+    """``(record, calibration images (N, C, H, W))`` of the chain's ``Int8Quantize`` link, ``None`` without one.
 
-    TODO(int8): once ``dgkit/export/qdq.py`` exists, import it at the top of this module and, in ``_write_onnx``,
-    call ``qdq.quantize_qdq(float_onnx, out, calibration_images, record)`` on the float graph with the link's
-    calibration images (``dgkit.compress.calibration.calibration_data`` with the record's settings).
+    The images are drawn again by the link itself (its own calibration settings) and must be the ones it recorded
+    (domains and counts): the QDQ pass checks its ranges against ONNX Runtime's on them.
+
+    Raises:
+        ValueError: the redrawn calibration differs from the recorded one (another dataset or split).
     """
-    for record in meta.get("chain") or []:
-        target = str((record.get("config") or {}).get("_target_", ""))
-        if target.endswith(INT8_SUFFIX):
-            raise NotImplementedError(
-                f"the chain holds {target}: int8 ONNX export (QDQ) is not available yet (dgkit.export.qdq); "
-                "export=torch works, or export the checkpoint without the int8 link"
-            )
+    record = next((r for r in meta.get("chain") or []
+                   if str((r.get("config") or {}).get("_target_", "")).endswith(INT8_SUFFIX)), None)  # fmt: skip
+    if record is None:
+        return None
+    link = instantiate(record["config"])
+    calibration = link.calibrate(TransformContext(stage="after_fit", datamodule=datamodule))
+    recorded = (record.get("state") or {}).get("calibration") or {}
+    drawn = calibration.record()
+    if recorded and (drawn["domains"], drawn["counts"]) != (recorded.get("domains"), recorded.get("counts")):
+        raise ValueError(
+            f"int8 export: the link calibrated on {recorded.get('counts')} but the data now gives {drawn['counts']}; "
+            "export with the dataset the checkpoint was compressed on"
+        )
+    return record, torch.cat(list(calibration.images.values()))
 
 
 def _write_onnx(eager: nn.Module, example: torch.Tensor, folder: Path, images: dict[str, torch.Tensor],
                 reference: dict[str, torch.Tensor], thresholds: parity.ParityThresholds, threads: int,
-                aoti: bool) -> tuple[dict[str, Any], list[dict[str, Any]], Callable]:  # fmt: skip
-    """Write ``model.onnx``; check its float graph against eager and, when quantised, the file against eager."""
-    if aoti:
-        raise ValueError("aoti=true applies to export=torch only")
+                int8: Int8Input | None) -> Written:  # fmt: skip
+    """Write ``model.onnx``; check the float graph against eager (unless int8 layers make eager a fake-quant model)
+    and the written file against the fake-quant reference when it holds quantised layers."""
     graphs = export_onnx(eager, example)
     path = folder / MODEL_FILES["onnx"]
-    path.write_bytes(model_bytes(graphs.final))
-    float_runner = OrtModel(ort_session(model_bytes(graphs.float), threads))
-    runner = OrtModel(ort_session(path, threads)) if graphs.nbits else float_runner
-    checks = [parity.check("float_runtime_vs_eager", reference, parity.outputs(float_runner, images),
-                           thresholds.float_limits())]  # fmt: skip
-    if graphs.nbits:
+    if int8 is None:
+        path.write_bytes(model_bytes(graphs.final))
+    else:
+        float_file = folder / ".float.onnx"
+        float_file.write_bytes(model_bytes(graphs.final))
+        qdq.quantize_qdq(float_file, path, int8[1], int8[0])
+        float_file.unlink()
+    runner = OrtModel(ort_session(path, threads))
+    checks = []
+    if int8 is None:  # the float graph computes eager's function (QuantLinear's float module is exact)
+        float_runner = OrtModel(ort_session(model_bytes(graphs.float), threads)) if graphs.nbits else runner
+        checks.append(parity.check("float_runtime_vs_eager", reference, parity.outputs(float_runner, images),
+                                   thresholds.float_limits()))  # fmt: skip
+    if graphs.nbits or int8 is not None:
         checks.append(parity.check("quantised_runtime_vs_fake_quant", reference, parity.outputs(runner, images),
                                    thresholds.quantised_limits()))  # fmt: skip
-    opsets = {op.domain or "ai.onnx": op.version for op in graphs.final.opset_import}
+    opsets = {op.domain or "ai.onnx": op.version for op in onnx.load(str(path), load_external_data=False).opset_import}
     entry = {"file": path.name, "runtime": "onnxruntime", "input": INPUT_NAME, "output": OUTPUT_NAME,
              "layout": "NCHW", "dtype": "float32", "input_shape": ["batch", *example.shape[1:]], "opsets": opsets,
-             "matmul_nbits": graphs.nbits_records()}  # fmt: skip
+             "matmul_nbits": graphs.nbits_records(),
+             "int8_qdq_layers": list(int8[0]["state"]["layers"]) if int8 is not None else []}  # fmt: skip
     return entry, checks, runner
 
 
 def _write_torch(eager: nn.Module, example: torch.Tensor, folder: Path, images: dict[str, torch.Tensor],
                  reference: dict[str, torch.Tensor], thresholds: parity.ParityThresholds, threads: int,
-                 aoti: bool) -> tuple[dict[str, Any], list[dict[str, Any]], Callable]:  # fmt: skip
+                 aoti: bool) -> Written:  # fmt: skip
     """Write ``model.pt2`` (the eager model as a ``torch.export`` program) and check the reloaded file."""
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
