@@ -402,6 +402,10 @@ def test_ort_qdq_model_sits_on_the_links_grid_and_agrees_with_it(synthetic, tmp_
     assert top1 >= 0.99 and max_diff < 0.02
     with pytest.raises(ValueError, match="no Conv/MatMul/Gemm node"):
         layer_nodes(qdq, ["backbone.nowhere"])
+    quantize_qdq(float_path, tmp_path / "shared.onnx", calibration, record, share_inputs=True)  # ORT's default
+    shared = onnx.load(str(tmp_path / "shared.onnx"))
+    add = next(n for n in shared.graph.node if n.op_type == "Add" and n.input[0].startswith("relu"))
+    assert add.input[0].endswith("DequantizeLinear_Output") and "Identity" not in {n.op_type for n in shared.graph.node}
 
 
 def test_a_dgkit_model_exports_with_percentile_ranges_and_a_float_head(synthetic, tmp_path):

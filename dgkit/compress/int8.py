@@ -34,6 +34,11 @@ METHODS = ("minmax", "percentile")
 _FOLD_CHECK_IMAGES = 8
 
 
+def _device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (calibration batches go there)."""
+    return next(model.parameters()).device
+
+
 # ---- BatchNorm folding -------------------------------------------------------------------------------------------
 @torch.no_grad()
 def conv_batchnorm_pairs(model: nn.Module, convs: Sequence[str], x: torch.Tensor) -> dict[str, str]:
@@ -61,7 +66,7 @@ def conv_batchnorm_pairs(model: nn.Module, convs: Sequence[str], x: torch.Tensor
     handles = [modules[n].register_forward_hook(after_conv(n)) for n in convs if isinstance(modules[n], nn.Conv2d)]
     handles += [modules[n].register_forward_pre_hook(before_bn(n)) for n in batchnorms]
     try:
-        model(x)
+        model(x.to(_device(model)))
     finally:
         for h in handles:
             h.remove()
@@ -100,6 +105,7 @@ def fold_batchnorms(model: nn.Module, convs: Sequence[str], x: torch.Tensor) -> 
     pairs = conv_batchnorm_pairs(model, convs, x)
     if not pairs:
         return pairs
+    x = x.to(_device(model))
     before = model(x)
     for conv_name, bn_name in pairs.items():
         fold_batchnorm(model.get_submodule(conv_name), model.get_submodule(bn_name))
@@ -130,7 +136,7 @@ def observe_ranges(model: nn.Module, layers: dict[str, Int8Layer], calibration: 
                 for observer in layer.observers:
                     observer.start_histogram()
         for _, x, _ in calibration.batches(batch_size):
-            model(x)
+            model(x.to(_device(model)))
     ranges = {}
     for name, layer in layers.items():
         if layer.observers[0].low > layer.observers[0].high:

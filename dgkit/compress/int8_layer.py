@@ -16,6 +16,13 @@ quantised ``Conv``/``Gemm``/``MatMul`` ORT quantises:
 Rounding is half to even everywhere (numpy, torch and ORT's kernels agree). A ``Linear`` on a 2-D input exports as
 ``Gemm`` (bias inside, output quantised after it); on an N-D input (tokens) as ``MatMul`` + ``Add``: ORT quantises
 the ``MatMul`` output, *before* the float bias is added; :class:`Int8Layer` follows both.
+
+Parity measured against ORT 1.32 (``tests/test_int8.py``, ``scripts/bench_int8.py``): fed ORT's own input, every
+layer of ResNet-18 and of timm's ``test_vit`` gives ORT's output codes except where float summation order decides a
+rounding tie (at most 1e-5 of the codes, one step each). End to end those rare flips propagate through the next
+layers' roundings: logits differ by a relative L2 of 0.013-0.018 on ResNet-18 (quantisation error itself: 0.064),
+0 on a small conv/residual/token toy net. Top-1 agreement: 100 % on the test nets; 97-100 % for a random-init
+ResNet-18 on random inputs, whose logits are nearly tied (a trained model's margins are far wider).
 """
 
 from __future__ import annotations
