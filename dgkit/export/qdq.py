@@ -28,6 +28,7 @@ quantised nodes nor the latency (ORT applies the same optimisations when the ses
 from __future__ import annotations
 
 import ast
+import difflib
 import logging
 import shutil
 import tempfile
@@ -102,19 +103,21 @@ def layer_nodes(model: onnx.ModelProto, layers: Sequence[str]) -> dict[str, list
     Raises:
         ValueError: a layer with no node in the graph (naming the module names the graph has), or unnamed nodes.
     """
+    names = [n.name for n in model.graph.node]
+    if not all(names) or len(set(names)) != len(names):
+        raise ValueError("int8 export: the graph's nodes need unique names (ORT selects nodes by name)")
     initializers = {t.name for t in model.graph.initializer}
     owners = [(node, _module_paths(node, initializers)) for node in model.graph.node if node.op_type in OP_TYPES]
     found = {}
     for layer in layers:
-        names = set(_candidates(layer))
-        found[layer] = [node.name for node, paths in owners if paths & names]
+        candidates = set(_candidates(layer))
+        found[layer] = [node.name for node, paths in owners if paths & candidates]
         if not found[layer]:
             known = sorted(set().union(*(paths for _, paths in owners)))
+            close = difflib.get_close_matches(layer, known, n=5, cutoff=0.3)
             raise ValueError(
-                f"int8 layer {layer!r} has no {'/'.join(OP_TYPES)} node in the graph; nodes belong to {known}"
+                f"int8 layer {layer!r} has no {'/'.join(OP_TYPES)} node in the graph; close module names: {close}"
             )
-        if not all(found[layer]) or len(set(n.name for n in model.graph.node)) != len(model.graph.node):
-            raise ValueError("int8 export: the graph's nodes need unique names (ORT selects nodes by name)")
     return found
 
 
@@ -157,7 +160,7 @@ def range_overrides(
 
 
 def check_ranges(calibrated: dict[str, tuple[float, float]], overrides: dict[str, list[dict]], method: str) -> float:
-    """The largest gap between ORT's MinMax ranges and the pinned ones, relative to each range's width.
+    """The largest gap between ORT's MinMax ranges and the pinned ones, relative to the span of each grid.
 
     Raises:
         ValueError: ``minmax`` ranges that differ by more than :data:`RANGE_TOLERANCE`, or ``percentile`` ranges
@@ -167,7 +170,7 @@ def check_ranges(calibrated: dict[str, tuple[float, float]], overrides: dict[str
     for tensor, (override,) in overrides.items():
         lo, hi = float(override["rmin"]), float(override["rmax"])
         ort_lo, ort_hi = calibrated[tensor]
-        width = max(hi - lo, ort_hi - ort_lo, 1e-12)
+        width = max(max(hi, ort_hi, 0.0) - min(lo, ort_lo, 0.0), 1e-12)  # the grid's span: it always holds 0
         if method == "minmax":
             gap = max(abs(lo - ort_lo), abs(hi - ort_hi)) / width
         else:  # a percentile range lies inside the full one
