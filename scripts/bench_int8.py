@@ -57,6 +57,7 @@ class Images:
 
 
 def build(name: str, images: int) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
     backbone = instantiate(OmegaConf.load(CONF / f"{name}.yaml"))
     model = Classifier(backbone)
     size = backbone.data_config.input_size
