@@ -14,6 +14,7 @@ PyTorch model on real images of every domain (the run's dataset is read for that
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -69,8 +70,22 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    print(f"wrote {folder}")
+    print(describe(folder))
     return 0
+
+
+def describe(folder: Path) -> str:
+    """What was written: the folder, each parity check, the file's size and latency, how to predict with it."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    bench = json.loads((folder / "bench.json").read_text())
+    lines = [f"wrote {folder}"]
+    for name, c in manifest["parity"]["checks"].items():
+        lines.append(f"  parity {name}: max |dlogit| {c['max_abs_diff']:.2g}, rel L2 {c['rel_l2']:.2g}, "
+                     f"top-1 agreement {100 * c['top1_agreement']:.1f} % on {c['images']} images")  # fmt: skip
+    latency = ", ".join(f"{k.replace('_', ' ')} {v['wall_ms']:.1f} ms" for k, v in bench["latency"].items())
+    lines.append(f"  {bench['file']} {bench['file_mb']:.2f} MB; {bench['threads']} thread(s): {latency}")
+    lines.append(f"  predict: python scripts/predict.py ckpt={folder} images=DIR_OR_GLOB")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,26 @@ def median_ms(fn: Callable[[torch.Tensor], object], x: torch.Tensor, runs: int =
     return {"wall_ms": 1e3 * statistics.median(wall), "cpu_ms": 1e3 * statistics.median(cpu)}
 
 
+def interleaved_ms(fns: dict[str, Callable[[torch.Tensor], object]], x: torch.Tensor, runs: int = 20,
+                   warmup: int = 3) -> dict[str, dict]:  # fmt: skip
+    """:func:`median_ms` of several callables measured round-robin (A B C A B C ...), so that machine load hits
+    them alike; each call is timed alone."""
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"runs={runs} must be >= 1 and warmup={warmup} >= 0")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn(x)
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            w, c = time.perf_counter(), time.process_time()
+            fn(x)
+            cpu[name].append(time.process_time() - c)
+            wall[name].append(time.perf_counter() - w)
+    return {n: {"wall_ms": 1e3 * statistics.median(wall[n]), "cpu_ms": 1e3 * statistics.median(cpu[n])} for n in fns}
+
+
 def example_batch(shape: Sequence[int], batch: int, seed: int = 0) -> torch.Tensor:
     """A seeded normal batch ``(batch, *shape)`` (latency does not depend on the pixel values)."""
     return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed))

@@ -136,8 +136,9 @@ def export_checkpoint(
 
 
 def _example(images: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Two images to trace with (``torch.export`` specialises a batch of one)."""
-    x = torch.cat(list(images.values()))[:2]
+    """Two images to trace with (``torch.export`` specialises a batch of one); a copy, not a view: ``model.pt2``
+    stores the example's whole storage."""
+    x = torch.cat([x[:2] for x in images.values()])[:2].clone()
     return x if len(x) == 2 else x.repeat(2, 1, 1, 1)
 
 

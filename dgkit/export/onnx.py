@@ -21,6 +21,7 @@ blocks: both lossless.
 
 from __future__ import annotations
 
+import ast
 import copy
 import io
 import logging
@@ -166,11 +167,11 @@ def _attributes(node: onnx.NodeProto) -> dict:
 
 
 def _scope(node: onnx.NodeProto) -> str:
-    """The module path the exporter recorded for ``node`` (``backbone.model.head``), or ``""``."""
+    """The module the exporter recorded ``node`` under (``backbone.model.head``), or ``""``."""
     for prop in node.metadata_props:
         if prop.key == _NAME_SCOPES:
-            scopes = [s.strip("'\" ") for s in prop.value.strip("[]").split(",")]
-            return ".".join(s for s in scopes[1:-1] if s)
+            scopes = ast.literal_eval(prop.value)  # ['', 'backbone', 'backbone.model', ..., 'linear'] (op last)
+            return scopes[-2] if len(scopes) >= 2 else ""
     return ""
 
 
