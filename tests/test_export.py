@@ -26,6 +26,7 @@ from dgkit.export.parity import ParityError, ParityThresholds, parity_images
 from dgkit.export.runtime import load_export, ort_session
 from dgkit.predict import data_config_from_meta
 from dgkit.run import train
+from dgkit.variants import evaluate_domains
 from tests.conftest import ROOT, folder_run_cfg, write_image_tree
 
 AWQ_W4 = {"_target_": "dgkit.compress.awq.WeightQuantize", "name": "awq_w4", "bits": 4, "group": 32,
@@ -104,6 +105,9 @@ def test_onnx_export_agrees_with_eager_on_real_images(run, onnx_folder):
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a dynamic batch
     assert exported(x[:1]).shape == (1, 2)  # batch 1 after a batch-2 trace
 
+    _, datamodule, method = load_checkpoint_and_data(run / "checkpoints" / "best.ckpt")  # evaluation takes it too
+    assert evaluate_domains(exported, exported.task, datamodule) == evaluate_domains(eager, method.task, datamodule)
+
 
 def test_torch_export_agrees_with_eager(run, onnx_folder, tmp_path):
     folder = export_checkpoint(run / "checkpoints" / "best.ckpt", tmp_path / "pt2", kind="torch", bench_runs=20)
@@ -115,6 +119,13 @@ def test_torch_export_agrees_with_eager(run, onnx_folder, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(exported(x), eager(x), atol=1e-4, rtol=0)
     assert exported(x[:1]).shape == (1, 2)
+
+
+@pytest.mark.slow  # AOTInductor compiles C++: about a minute
+def test_aoti_package_is_checked_too(run, tmp_path):
+    folder = export_checkpoint(run / "checkpoints" / "best.ckpt", tmp_path / "aoti", kind="torch", aoti=True)
+    checks = {c["name"]: c for c in json.loads((folder / "parity.json").read_text())["checks"]}
+    assert checks["aoti_vs_eager"]["passed"] and read_manifest(folder)["model"]["aoti_file"] == "model_aoti.pt2"
 
 
 # ---- quantised export: MatMulNBits from the layers' own codes -------------------------------------------------

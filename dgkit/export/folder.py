@@ -30,7 +30,7 @@ import onnx
 import torch
 from hydra.utils import instantiate
 from torch import nn
-from torch._inductor import aoti_compile_and_package
+from torch._inductor import aoti_compile_and_package, aoti_load_package
 
 from dgkit.chain import TransformContext
 from dgkit.checkpoint import load_checkpoint_and_data
@@ -201,7 +201,8 @@ def _write_onnx(eager: nn.Module, example: torch.Tensor, folder: Path, images: d
 def _write_torch(eager: nn.Module, example: torch.Tensor, folder: Path, images: dict[str, torch.Tensor],
                  reference: dict[str, torch.Tensor], thresholds: parity.ParityThresholds, threads: int,
                  aoti: bool) -> Written:  # fmt: skip
-    """Write ``model.pt2`` (the eager model as a ``torch.export`` program) and check the reloaded file."""
+    """Write ``model.pt2`` (the eager model as a ``torch.export`` program) and check the reloaded file (and the
+    AOTInductor package, when asked for)."""
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         program = torch.export.export(eager, (example,), dynamic_shapes=({0: batch},))
@@ -213,8 +214,11 @@ def _write_torch(eager: nn.Module, example: torch.Tensor, folder: Path, images: 
                                thresholds.float_limits())]  # fmt: skip
     entry = {"file": path.name, "runtime": "torch.export", "input": INPUT_NAME, "output": OUTPUT_NAME,
              "layout": "NCHW", "dtype": "float32", "input_shape": ["batch", *example.shape[1:]]}  # fmt: skip
-    if aoti:
-        aoti_compile_and_package(program, package_path=str(folder / AOTI_FILE))
+    if aoti:  # compiled C++ for the same program: checked like the program itself
+        compiled = aoti_load_package(aoti_compile_and_package(program, package_path=str(folder / AOTI_FILE)))
+        with bench.torch_threads(threads):
+            checks.append(parity.check("aoti_vs_eager", reference, parity.outputs(compiled, images),
+                                       thresholds.float_limits()))  # fmt: skip
         entry["aoti_file"] = AOTI_FILE
     return entry, checks, runner
 
