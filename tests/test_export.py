@@ -151,13 +151,16 @@ class _Branch(nn.Module):
 
 
 class _QuantMLPs(nn.Module):
-    """One branch per (bits, group) variant, outputs side by side (one export for all of them)."""
+    """A shared layer called twice, then one branch per (bits, group) variant, outputs side by side (one export for
+    all of them)."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.shared = QuantLinear.from_linear(nn.Linear(192, 192), 4, 64)
         self.branches = nn.ModuleList(_Branch(bits, group) for bits, group in VARIANTS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.shared(torch.tanh(self.shared(x)))  # two MatMul nodes for one layer
         return torch.cat([branch(x) for branch in self.branches], -1)  # (B, 33 * variants)
 
 
@@ -165,9 +168,9 @@ def test_matmul_nbits_transcoding_matches_fake_quant():
     model = _QuantMLPs().eval()
     graphs = export_onnx(model, torch.randn(2, 5, 192))
     ops = [n.op_type for n in graphs.final.graph.node]
-    assert ops.count("MatMulNBits") == 3 * len(VARIANTS) and "MatMul" not in ops and "Gemm" not in ops
+    assert ops.count("MatMulNBits") == 3 * len(VARIANTS) + 2 and not {"MatMul", "Gemm", "Transpose"} & set(ops)
     expected_layers = [(f"branches.{i}.{n}", bits, group) for i, (bits, group) in enumerate(VARIANTS)
-                       for n in ("fc1", "fc2", "head")]  # fmt: skip
+                       for n in ("fc1", "fc2", "head")] + [("shared", 4, 64)] * 2  # fmt: skip
     assert sorted((r.layer, r.kernel_bits, r.block_size) for r in graphs.nbits) == sorted(expected_layers)
     tensors = {t.name: t for t in graphs.final.graph.initializer}
     for i, (bits, group) in enumerate(VARIANTS):
