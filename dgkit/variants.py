@@ -87,3 +87,13 @@ def write_variant(run_dir: Path, name: str, label: str, scores: dict[str, float]
     atomic_write_json(folder / "final.json", final)
     done.touch()
     return folder
+
+
+def format_variant(folder: Path) -> str:
+    """A variant folder's scores per domain (``in`` split, held-out domains marked) and its path."""
+    final = json.loads((Path(folder) / "final.json").read_text())
+    lines = [f"{final['tag']}: {final['metric_name']} ('in' split; * held-out)"]
+    for domain in final["domains"]:
+        mark = "*" if domain in final["test_domains"] else ""
+        lines.append(f"  {domain + mark:<14} {100 * final['scores'][domain]['in']:6.1f}")
+    return "\n".join([*lines, f"wrote {folder}"])

@@ -7,6 +7,11 @@ Usage::
     python scripts/evaluate.py ckpt=... tta=t3a 'domains=[ink,photo,font]' split=out   # on source validation
     python scripts/evaluate.py ckpt=... tta=tent data.root=/new/place/PACS   # the benchmark moved since training
 
+    python scripts/evaluate.py ckpt=outputs/runs/<run>/exports/onnx-awq_w4   # an export folder, every domain
+
+With an export folder (``scripts/export.py``), the artifact runs in its runtime on every domain's in/out split
+and is written as ``<run>/variants/<export name>/``: a row of ``collect_results``' tables (ERM+ORT-AWQ-W4).
+
 Prints accuracy with and without the TTA and the time per image of each, and writes them (atomically) to
 ``<run folder>/tta/<tta>_bs<batch size>.json`` unless ``out=`` says otherwise.
 """
@@ -25,8 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dgkit.config import register_resolvers  # noqa: E402
 from dgkit.errors import run_reporting_user_errors  # noqa: E402
+from dgkit.export.evaluate import evaluate_export  # noqa: E402
+from dgkit.export.manifest import MANIFEST  # noqa: E402
 from dgkit.tta.runner import format_result, run_tta  # noqa: E402
 from dgkit.utils.cli import quote_paths  # noqa: E402
+from dgkit.variants import format_variant  # noqa: E402
 
 register_resolvers()
 
@@ -43,12 +51,20 @@ def evaluate(cfg: DictConfig) -> None:
         raise ValueError("ckpt= is required: a run's checkpoints/best.ckpt (python scripts/evaluate.py ckpt=PATH)")
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    data_paths = {"data.root": cfg.data.root, "paths.datasets": cfg.paths.datasets}
+    if (Path(cfg.ckpt) / MANIFEST).exists():  # an export folder: every domain, as a row of the run's tables
+        if cfg.tta.get("_target_", "").split(".")[-1] != "NoAdaptation":
+            raise ValueError("test-time adaptation needs a checkpoint (it updates the model); an export is evaluated "
+                             "as it is: drop tta=")  # fmt: skip
+        folder = evaluate_export(cfg.ckpt, data_paths, threads=int(cfg.threads or 1))
+        print(format_variant(folder))
+        return
     tta = instantiate(cfg.tta)
     out = Path(cfg.out) if cfg.out else None
     result, path = run_tta(
         cfg.ckpt, tta, OmegaConf.to_container(cfg.tta), domains=cfg.domains, split=cfg.split, seed=int(cfg.seed),
         corrupt=OmegaConf.to_container(cfg.corrupt), out=out,
-        data_paths={"data.root": cfg.data.root, "paths.datasets": cfg.paths.datasets},
+        data_paths=data_paths,
     )  # fmt: skip
     print(format_result(result))
     print(f"wrote {path}")

@@ -190,3 +190,23 @@ def test_compressing_a_simclr_checkpoint_says_what_to_do(tiny_cfg, one_thread, t
     with pytest.raises(ValueError, match="linear probe"):
         compress_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt", {"_target_":
                             "dgkit.compress.awq.WeightQuantize", "algorithm": "rtn"}, "rtn_w4")  # fmt: skip
+
+
+def test_an_export_folder_is_evaluated_as_a_row_of_the_run(trained_vit, tmp_path):
+    """Compress (RTN W4), export to ONNX Runtime (MatMulNBits), evaluate the artifact on every domain: it lands
+    in the run's table as its own row, and its scores equal the PyTorch fake-quant model's."""
+    from dgkit.export.evaluate import evaluate_export
+    from dgkit.export.folder import export_checkpoint
+
+    run = tmp_path / "run"
+    config = {"_target_": "dgkit.compress.awq.WeightQuantize", "name": "rtn_w4", "algorithm": "rtn", "group": 32}
+    result = compress_checkpoint(run / "checkpoints" / "best.ckpt", config, "rtn_w4")
+    exported = export_checkpoint(result["checkpoint"], images_per_domain=4, bench_runs=1)
+    folder = evaluate_export(exported)
+    assert folder == run / "variants" / "onnx-rtn_w4"
+    final = json.loads((folder / "final.json").read_text())
+    assert final["tag"] == "ERM+ORT-RTN-W4"
+    for key, value in result["after"].items():
+        _, domain, split = key.split("/")
+        assert final["scores"][domain][split] == pytest.approx(value, abs=1e-6)
+    assert {r.tag for r in load_runs(run)} == {"ERM", "ERM+RTN-W4", "ERM+ORT-RTN-W4"}
