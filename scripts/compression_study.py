@@ -86,15 +86,19 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.variants:
         label, name, overrides = parse_variant(spec)
         config = variant_config(label, name, overrides)
-        changes = []
+        changes, errors = [], []
         for run in runs:
             folder = run.path / "variants" / label
             if not (folder / "done").exists():
                 compress_checkpoint(run.path / "checkpoints" / "best.ckpt", config, label)
-            changes.append(change(json.loads((folder / "final.json").read_text())))
+            final = json.loads((folder / "final.json").read_text())
+            changes.append(change(final))
+            errors.append(final["compress"]["report"].get("logits_error"))
         held, source = [c[0] for c in changes], [c[1] for c in changes]
         rows.append({"variant": label, "runs": len(changes), "held_out": mean_se(held), "source": mean_se(source),
                      "difference": mean_se([h - s for h, s in changes])})  # fmt: skip
+        if all(errors):  # AWQ: relative logits error on the calibration images, against RTN at the same bits
+            rows[-1]["logits_error"] = {k: mean_se([e[k] for e in errors]) for k in errors[0]}
     lines = [
         "| variant | runs | held-out change | source change | held-out − source |",
         "|---|---|---|---|---|",
