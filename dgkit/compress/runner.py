@@ -43,7 +43,7 @@ def variant_label(name: str, record: dict[str, Any]) -> str:
     """The tag suffix of a compressed variant: its name in capitals (``AWQ-W4``); a calibration that read the
     held-out domains is marked ``[target-calib]`` so no table shows it as a DG result."""
     label = name.upper().replace("_", "-")
-    if (record.get("state") or {}).get("calibration", {}).get("allow_target"):
+    if (((record.get("state") or {}).get("calibration")) or {}).get("allow_target"):
         label += "[target-calib]"
     return label
 
