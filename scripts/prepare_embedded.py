@@ -1,10 +1,13 @@
 """Generate (or load) the embedded benchmarks and draw one sample grid per benchmark.
 
-    python scripts/prepare_embedded.py                       # into datasets/, grids into docs/img/
-    python scripts/prepare_embedded.py --root /data --grid ""  # another data root, no grids
+    python scripts/prepare_embedded.py                           # into datasets/, no sample grids
+    python scripts/prepare_embedded.py --grid docs/img           # and redraw the grids the docs show
+    python scripts/prepare_embedded.py --root /data --grid /tmp  # another data root, grids elsewhere
 
-Prints each domain's image count, image size and checksum (the same SHA-256 the manifest stores), and
-writes ``<grid>/<benchmark>_samples.png``: one row per domain, one column per class. Nothing is
+Prints each domain's image count, image size and checksum (the same SHA-256 the manifest stores). With
+``--grid DIR`` it also writes ``DIR/<benchmark>_samples.png``: one row per domain, one column per class.
+Grids are drawn only when asked, because ``docs/img/*_samples.png`` are tracked: a plain run (``make data``)
+must leave the checkout clean. Nothing is
 downloaded: everything is built from data that installs with scikit-learn, scikit-image, Pillow and
 matplotlib. Running it again only reads the cache.
 """
@@ -66,10 +69,10 @@ def report(name: str, arrays: Arrays, seconds: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Generate or load ``digits_dg`` and ``rotated_digits`` under ``--root`` and draw their grids."""
+    """Generate or load ``digits_dg`` and ``rotated_digits`` under ``--root``; draw their grids into ``--grid``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="datasets", help="data root (default: datasets)")
-    parser.add_argument("--grid", default="docs/img", help="folder for the sample grids ('' to skip)")
+    parser.add_argument("--grid", default=None, help="draw the sample grids into this folder (default: none)")
     parser.add_argument("--n-per-domain", type=int, default=1797, help="digits_dg images per domain")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
