@@ -210,3 +210,11 @@ def test_an_export_folder_is_evaluated_as_a_row_of_the_run(trained_vit, tmp_path
         _, domain, split = key.split("/")
         assert final["scores"][domain][split] == pytest.approx(value, abs=1e-6)
     assert {r.tag for r in load_runs(run)} == {"ERM", "ERM+RTN-W4", "ERM+ORT-RTN-W4"}
+
+
+def test_variant_labels_mark_target_calibration():
+    from dgkit.compress.runner import variant_label
+
+    assert variant_label("prune_magnitude", {"state": {"calibration": None}}) == "PRUNE-MAGNITUDE"
+    assert variant_label("awq_w4", {"state": {"calibration": {"allow_target": False}}}) == "AWQ-W4"
+    assert variant_label("awq_w4", {"state": {"calibration": {"allow_target": True}}}) == "AWQ-W4[target-calib]"
