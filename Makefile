@@ -28,5 +28,7 @@ lint: $(STAMP)
 data: $(STAMP)
 	$(PY) scripts/prepare_embedded.py
 
+# Speed ratios (dgkit vs a plain loop, loader vs model, each objective vs ERM) against docs/bench_ratios.json;
+# a drop of more than 15 % is reported. BENCH_ARGS=--save makes the figures the new baseline.
 bench: $(STAMP)
-	$(PY) scripts/bench_train.py
+	$(PY) scripts/bench_ratios.py $(BENCH_ARGS)

@@ -87,3 +87,33 @@ def test_main_with_batches_larger_than_a_pass(tmp_path, capsys) -> None:
         torch.set_num_threads(threads)
     assert {t.steps for ts in timings.values() for t in ts} == {5}
     assert "ratio dgkit / plain" in capsys.readouterr().out
+
+
+ratios = _script("bench_ratios")
+
+
+def test_compare_reports_drops_beyond_the_tolerance_only() -> None:
+    baseline = {"dgkit_vs_plain": 1.0, "loader_vs_model": 10.0, "dann_vs_erm": 0.9, "gone_vs_erm": 0.5}
+    current = {"dgkit_vs_plain": 0.84, "loader_vs_model": 8.6, "dann_vs_erm": 1.2, "new_vs_erm": 0.1}
+    changes = {c.name: c for c in ratios.compare(current, baseline, tolerance=0.15)}
+    assert list(changes) == ["dgkit_vs_plain", "loader_vs_model", "dann_vs_erm", "new_vs_erm", "gone_vs_erm"]
+    assert [n for n, c in changes.items() if c.regression] == ["dgkit_vs_plain"]  # -16 %; -14 % is noise
+    assert changes["dann_vs_erm"].relative == pytest.approx(1 / 3)  # faster: never a regression
+    assert changes["new_vs_erm"].baseline is None and changes["gone_vs_erm"].current is None
+    assert changes["gone_vs_erm"].relative is None
+    assert not any(c.regression for c in ratios.compare(current, {}))
+    assert "**dropped > 15 %**" in ratios.table(list(changes.values()), 0.15)
+    with pytest.raises(ValueError, match="tolerance"):
+        ratios.compare(current, baseline, tolerance=1.5)
+
+
+def test_ratios_read_higher_as_faster() -> None:
+    loops = {
+        "dgkit": [bench.LoopTiming(6, 3.0), bench.LoopTiming(6, 5.0)],  # median 4
+        "plain": [bench.LoopTiming(6, 5.0)],
+        "data": [bench.LoopTiming(6, 50.0)],
+    }
+    seconds = {"erm": [0.1, 0.2, 0.3], "sharpness": [0.4, 0.4]}
+    assert ratios.ratios(loops, seconds) == pytest.approx(
+        {"dgkit_vs_plain": 0.8, "loader_vs_model": 10.0, "sharpness_vs_erm": 0.5}
+    )
