@@ -125,6 +125,11 @@ def _config(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in keys}
 
 
+def same_setting(a: Mapping, b: Mapping) -> bool:
+    """Whether two configs measure the same thing (``repeats`` and ``methods`` only change noise and coverage)."""
+    return all(a.get(k) == b.get(k) for k in ("exp", "steps", "warmup", "threads", "overrides"))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--exp", default="quickstart")
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     changes = compare(current, saved.get("ratios", {}), args.tolerance)
     print(f"\nmachine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads={args.threads}")
     print(f"config: {json.dumps(_config(args))}")
-    if saved and saved.get("config") != _config(args):
+    if saved and not same_setting(saved.get("config", {}), _config(args)):
         print(f"note: the baseline was measured with another config, {json.dumps(saved.get('config'))}")
     print(f"baseline: {args.baseline if saved else 'none'}\n")
     print(table(changes, args.tolerance))

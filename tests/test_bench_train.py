@@ -105,6 +105,9 @@ def test_compare_reports_drops_beyond_the_tolerance_only() -> None:
     assert "**dropped > 15 %**" in ratios.table(list(changes.values()), 0.15)
     with pytest.raises(ValueError, match="tolerance"):
         ratios.compare(current, baseline, tolerance=1.5)
+    config = {"exp": "quickstart", "steps": 12, "warmup": 4, "threads": 1, "overrides": ["data.batch_size=8"]}
+    assert ratios.same_setting(config, {**config, "repeats": 5, "methods": ["erm"]})
+    assert not ratios.same_setting(config, {**config, "overrides": ["data.batch_size=32"]})
 
 
 def test_ratios_read_higher_as_faster() -> None:
