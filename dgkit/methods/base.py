@@ -69,10 +69,14 @@ class Method(pl.LightningModule):
             after construction, so subclasses need not forward it; objectives use it via :meth:`with_bss_copy`.
         train_views: augmented views per training image the method needs from the data (SSL: 2).
         exports_backbone: whether a finished run writes ``backbone.safetensors`` (SSL: the backbone is the product).
+        per_image_mechanism: what in the objective needs one target per image, predicted from pooled features
+            (DANN: its domain discriminator...); ``None``: nothing, the objective works for every task. A task
+            without per-image targets (``Task.per_image`` false: segmentation) is refused with this reason.
     """
 
     train_views: ClassVar[int] = 1
     exports_backbone: ClassVar[bool] = False
+    per_image_mechanism: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -87,6 +91,11 @@ class Method(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler", "task"])
         self.task = task or Classification()
+        if self.per_image_mechanism and not self.task.per_image:
+            raise ValueError(
+                f"{type(self).__name__} is not defined for task={self.task.name} ({self.task.target}): "
+                f"{self.per_image_mechanism}; use an objective without one (erm, sharpness)"
+            )
         self.backbone = backbone
         self.classifier = self.task.build_head(backbone, num_classes)
         self.domains = list(domains)

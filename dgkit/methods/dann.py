@@ -53,6 +53,10 @@ class DANN(Method):
         weight_decay_d, weight_decay_g: their weight decays (``alternating``).
     """
 
+    per_image_mechanism = (
+        "its domain discriminator reads pooled per-image features, and its classifier is applied to them"
+    )
+
     def __init__(
         self,
         backbone: nn.Module,

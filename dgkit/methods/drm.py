@@ -52,6 +52,10 @@ class DRM(Method):
             :class:`~dgkit.methods.base.Method`.
     """
 
+    per_image_mechanism = (
+        "its per-domain heads read pooled per-image features and its inference rule mixes per-image logits"
+    )
+
     def __init__(
         self,
         backbone: nn.Module,

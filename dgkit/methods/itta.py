@@ -81,6 +81,8 @@ class ITTA(Method):
         loss_depth: layers of the learned loss (official 10).
     """
 
+    per_image_mechanism = "its consistency loss and learned mapping act on pooled per-image features"
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -37,6 +37,8 @@ class LinearProbe(Method):
         feature_norm: standardise the frozen features with a parameter-free batch norm before the linear layer.
     """
 
+    per_image_mechanism = "its head is a linear layer (after a BatchNorm1d) on pooled per-image features"
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -139,6 +139,8 @@ class UDIM(Sharpness):
         per_domain_inconsistency: penalty per source domain and summed (true) or on the pooled batch (false).
     """
 
+    per_image_mechanism = "its perturbation follows per-sample head gradients of pooled per-image features"
+
     def __init__(
         self,
         backbone: nn.Module,

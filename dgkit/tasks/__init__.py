@@ -5,5 +5,6 @@
 
 from dgkit.tasks.base import Task
 from dgkit.tasks.classification import Classification
+from dgkit.tasks.segmentation import Segmentation
 
-__all__ = ["Classification", "Task"]
+__all__ = ["Classification", "Segmentation", "Task"]

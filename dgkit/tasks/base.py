@@ -24,19 +24,24 @@ class Task:
         metric: the selection metric's record key (``acc``, ``miou``); never contains ``/``.
         metric_name: the metric's name in table headings and plot axes (``accuracy``, ``mIoU``).
         target: what a target is, for messages (``class index (B,)``).
+        per_image: one target per image, predicted from pooled features. Objectives whose mechanism reads pooled
+            per-image features (a domain discriminator, per-sample head gradients) declare it
+            (``Method.per_image_mechanism``) and refuse a task where this is false (segmentation).
     """
 
     name: ClassVar[str]
     metric: ClassVar[str]
     metric_name: ClassVar[str]
     target: ClassVar[str]
+    per_image: ClassVar[bool] = True
 
     def build_head(self, backbone: nn.Module, num_classes: int) -> nn.Module:
         """A fresh head mapping :meth:`features` of ``backbone`` to the task's outputs."""
         raise NotImplementedError
 
-    def features(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """What the head reads from the backbone for a normalised image batch ``x``."""
+    def features(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """What the head reads from the backbone for a normalised image batch ``x`` (pooled features, or a list of
+        intermediate maps for dense tasks)."""
         raise NotImplementedError
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
