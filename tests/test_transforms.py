@@ -27,5 +27,5 @@ def test_train_pipeline_augments():
 
 
 def test_unknown_policy():
-    with pytest.raises(ValueError, match=r"data.augment='fancy'.*\['digits', 'imagenet', 'none'\]"):
+    with pytest.raises(ValueError, match=r"data.augment='fancy'.*\['digits', 'imagenet', 'maps', 'none'\]"):
         build_transform(DataConfig(), "fancy")

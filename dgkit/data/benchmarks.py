@@ -11,6 +11,7 @@ from dgkit.data.embedded import rotated_digits as _rotated_digits
 from dgkit.data.embedded import synthetic as _synthetic
 from dgkit.data.embedded.cache import array_checksum
 from dgkit.data.folder import folder_benchmark
+from dgkit.data.seg_folder import seg_folder_benchmark
 
 DIGIT_CLASSES = [str(i) for i in range(10)]
 
@@ -52,3 +53,15 @@ def folder(
     """A ``root/<domain>/<class>/<image>`` tree (PACS, VLCS, OfficeHome, TerraIncognita, DomainNet, your own);
     ``verify`` checks every image header first (``on_bad_image``: ``error`` or ``skip``)."""
     return folder_benchmark(root, domains=domains, name=name, verify=verify, on_bad_image=on_bad_image)
+
+
+def seg_folder(
+    root: str | Path,
+    num_classes: int,
+    domains: list[str] | None = None,
+    class_names: list[str] | None = None,
+    name: str = "seg_folder",
+    verify: bool = True,
+) -> Benchmark:
+    """A ``root/<domain>/{images,masks}/`` segmentation tree; ``verify`` checks every image/mask pair first."""
+    return seg_folder_benchmark(root, num_classes, domains=domains, class_names=class_names, name=name, verify=verify)

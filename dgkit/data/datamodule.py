@@ -79,7 +79,8 @@ class DomainStream(Sampler):
 
 
 class TransformedDataset(Dataset):
-    """Applies an albumentations pipeline to ``(uint8 image, label)`` items.
+    """Applies an albumentations pipeline to ``(uint8 image, label)`` items; a label that is an array (a
+    segmentation mask ``(H, W)``) goes through the same call as ``mask=`` and comes back as int64 ``(H, W)``.
 
     Indexed by an int (evaluation: deterministic pipelines) or by a :class:`DomainStream` key ``(index, draw)``:
     then every random transform draws from generators seeded by ``(seed, domain, draw, view)``. With ``views`` > 1
@@ -98,14 +99,21 @@ class TransformedDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]):
         i, draw = key if isinstance(key, tuple) else (key, None)
         image, label = self.dataset[i]
-        views = [self._apply(image, draw, v) for v in range(self.views)]
+        if isinstance(label, np.ndarray):  # a dense target (segmentation mask (H, W)): transformed with the image
+            if self.views != 1:
+                raise ValueError(f"data.views={self.views}: multi-view training is for per-image labels, not masks")
+            out = self._apply(image, draw, 0, mask=label)
+            return out["image"], out["mask"].long()  # (C, H, W), (H, W) int64
+        views = [self._apply(image, draw, v)["image"] for v in range(self.views)]
         return (views[0] if self.views == 1 else torch.stack(views)), label
 
-    def _apply(self, image: np.ndarray, draw: int | None, view: int) -> torch.Tensor:
+    def _apply(self, image: np.ndarray, draw: int | None, view: int, **targets: np.ndarray) -> dict:
+        """One call of the pipeline on the image and its dense targets (``mask=``): albumentations draws every
+        random parameter once per call, so a mask gets exactly the image's geometric transform."""
         if draw is not None:
             s = seed_hash(self.seed, self.domain, draw, view)
             self.transform.set_random_state(np.random.default_rng(s), random.Random(s))
-        return self.transform(image=image)["image"]
+        return self.transform(image=image, **targets)
 
 
 def _collate_views(items: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,6 +175,8 @@ class DGDataModule(pl.LightningDataModule):
         crafted_families: augmentation families for crafted-shift validation (:mod:`dgkit.data.crafted`): each
             source domain's ``out`` images under them become a third evaluation split, ``crafted``
             (``+validation=crafted``); ``None``: none.
+        num_classes, class_names: what a preset declared (segmentation folders pass them to their benchmark
+            factory); checked against the benchmark, else unused.
     """
 
     def __init__(
@@ -188,8 +198,14 @@ class DGDataModule(pl.LightningDataModule):
         verify: bool = False,
         on_bad_image: str = "error",
         crafted_families: Sequence[str] | None = None,
+        num_classes: int | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
+        if num_classes is not None and num_classes != benchmark.num_classes:
+            raise ValueError(
+                f"data.num_classes={num_classes} but benchmark {benchmark.name} has {benchmark.num_classes}"
+            )
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} and data.eval_batch_size={eval_batch_size} must be >= 1")
         if views < 1:

@@ -6,6 +6,9 @@ Policies (``data.augment``):
         (a rotated 6 is a 9, and rotation is the domain shift of rotated_digits).
     ``imagenet``: DomainBed's image augmentation: random resized crop (scale 0.7-1), horizontal flip,
         colour jitter 0.3, 10 % grayscale.
+    ``maps``: for map tiles (segmentation; no up or left on a map sheet): random resized crop (scale 0.5-1),
+        horizontal and vertical flips, 90-degree rotations, colour jitter 0.2. Masks passed with ``mask=`` get
+        the same geometric transforms (nearest-neighbour resampling); colour changes leave them alone.
 """
 
 from __future__ import annotations
@@ -47,10 +50,21 @@ def _imagenet(cfg: DataConfig) -> list[A.BasicTransform]:
     ]
 
 
+def _maps(cfg: DataConfig) -> list[A.BasicTransform]:
+    return [
+        A.RandomResizedCrop(size=cfg.input_size, scale=(0.5, 1.0)),
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.RandomRotate90(p=0.5),
+        A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, p=0.8),
+    ]
+
+
 POLICIES: dict[str, Callable[[DataConfig], list[A.BasicTransform]]] = {
     "none": lambda cfg: [_resize(cfg)],
     "digits": _digits,
     "imagenet": _imagenet,
+    "maps": _maps,
 }
 
 
