@@ -22,13 +22,25 @@ def _docs_img() -> dict[str, str]:
 def test_default_run_writes_no_grid_and_grid_flag_does(tmp_path, monkeypatch) -> None:
     before = _docs_img()
     monkeypatch.chdir(ROOT)  # the old default, docs/img, was relative to the working directory
-    prepare.main(["--root", str(tmp_path / "data"), "--n-per-domain", "20"])
+    prepare.main(["--root", str(tmp_path / "data"), "--n-per-domain", "20", "--hist-maps-per-domain", "4"])
     assert _docs_img() == before
     assert not list(tmp_path.rglob("*.png"))
 
-    prepare.main(["--root", str(tmp_path / "data"), "--n-per-domain", "20", "--grid", str(tmp_path / "img")])
+    prepare.main(
+        [
+            "--root",
+            str(tmp_path / "data"),
+            "--n-per-domain",
+            "20",
+            "--hist-maps-per-domain",
+            "4",
+            "--grid",
+            str(tmp_path / "img"),
+        ]
+    )
     assert sorted(p.name for p in (tmp_path / "img").iterdir()) == [
         "digits_dg_samples.png",
+        "hist_maps_samples.png",
         "rotated_digits_samples.png",
     ]
     assert _docs_img() == before

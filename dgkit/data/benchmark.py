@@ -61,6 +61,22 @@ class ArrayDataset(Dataset):
         return self.images[i], int(self.labels[i])
 
 
+class MaskArrayDataset(Dataset):
+    """In-memory images ``(N, H, W, 3) uint8`` with segmentation masks ``(N, H, W) uint8`` (class ids, 255 =
+    ignore); an item is ``(image, mask)``."""
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray) -> None:
+        if images.shape[:3] != masks.shape:
+            raise ValueError(f"images {images.shape} and masks {masks.shape} differ in (N, H, W)")
+        self.images, self.masks = images, masks
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.images[i], self.masks[i]
+
+
 def seed_hash(*args: object) -> int:
     """A stable 31-bit seed from any printable arguments (DomainBed's ``misc.seed_hash``)."""
     return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2**31)

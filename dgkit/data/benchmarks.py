@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from dgkit.data.benchmark import ArrayDataset, Benchmark
+from dgkit.data.benchmark import ArrayDataset, Benchmark, MaskArrayDataset
 from dgkit.data.embedded import digits_dg as _digits_dg
+from dgkit.data.embedded import hist_maps as _hist_maps
 from dgkit.data.embedded import rotated_digits as _rotated_digits
 from dgkit.data.embedded import synthetic as _synthetic
 from dgkit.data.embedded.cache import array_checksum
@@ -65,3 +66,26 @@ def seg_folder(
 ) -> Benchmark:
     """A ``root/<domain>/{images,masks}/`` segmentation tree; ``verify`` checks every image/mask pair first."""
     return seg_folder_benchmark(root, num_classes, domains=domains, class_names=class_names, name=name, verify=verify)
+
+
+def hist_maps(
+    root: str | Path = "datasets", variant: str = "hist_maps", n_per_domain: int = 400, seed: int = 0
+) -> Benchmark:
+    """Synthetic historical-map tiles in four styles (modern, ink, sepia, hatched), 128 px, generated into
+    ``root/hist_maps``: ``variant`` ``hist_maps`` (background / linear / areal), ``hist_maps_linear`` or
+    ``hist_maps_areal`` (that class against the rest)."""
+    if variant not in _hist_maps.VARIANTS:
+        raise ValueError(f"data.variant={variant!r}; choose one of {list(_hist_maps.VARIANTS)}")
+    arrays = _hist_maps.load(root, n_per_domain=n_per_domain, seed=seed)
+    foreground = _hist_maps.VARIANTS[variant]
+    if foreground is not None:
+        arrays = {d: (x, _hist_maps.binary(m, foreground)) for d, (x, m) in arrays.items()}
+    classes = list(_hist_maps.CLASSES) if foreground is None else ["background", _hist_maps.CLASSES[foreground]]
+    checksums = "".join(f"{d}:{array_checksum(x, m)};" for d, (x, m) in arrays.items())
+    return Benchmark(
+        name=variant,
+        domains=list(arrays),
+        classes=classes,
+        datasets={d: MaskArrayDataset(x, m) for d, (x, m) in arrays.items()},
+        fingerprint=hashlib.sha1(checksums.encode()).hexdigest()[:16],
+    )

@@ -50,6 +50,12 @@ def _check(name: str, images: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]
     images, labels = np.asarray(images), np.asarray(labels)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"domain {name!r}: images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    if labels.ndim == 3:  # dense labels (segmentation masks (N, H, W)) stay uint8: int64 would be 8x the size
+        if labels.shape != images.shape[:3] or labels.dtype != np.uint8:
+            raise ValueError(
+                f"domain {name!r}: masks must be uint8 {images.shape[:3]}, got {labels.dtype} {labels.shape}"
+            )
+        return np.ascontiguousarray(images), np.ascontiguousarray(labels)
     if labels.shape != (len(images),):
         raise ValueError(f"domain {name!r}: {len(images)} images but labels of shape {labels.shape}")
     return np.ascontiguousarray(images), labels.astype(np.int64)
