@@ -4,7 +4,8 @@
 :mod:`dgkit.backbones.stages`). Built from ``conf/backbone/*.yaml`` by the composition root."""
 
 from dgkit.backbones.base import Backbone, DataConfig, Stages, StagesNotSupported
+from dgkit.backbones.sam import SAMBackbone
 from dgkit.backbones.small_cnn import SmallCNN
 from dgkit.backbones.timm_backbone import TimmBackbone
 
-__all__ = ["Backbone", "DataConfig", "SmallCNN", "Stages", "StagesNotSupported", "TimmBackbone"]
+__all__ = ["Backbone", "DataConfig", "SAMBackbone", "SmallCNN", "Stages", "StagesNotSupported", "TimmBackbone"]
