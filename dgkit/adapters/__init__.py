@@ -1,11 +1,12 @@
 """Parameter-efficient adapters on a built backbone: the mechanism and the adapter specs.
 
 ``conf/adapter/*.yaml`` instantiates a spec (:class:`FullFineTuning`, :class:`Freeze`, :class:`LoRA`,
-:class:`DoRA`, :class:`SoMA`, :class:`PEGO`, :class:`SALT`); the composition root calls its
+:class:`DoRA`, :class:`DoRASAM`, :class:`SoMA`, :class:`PEGO`, :class:`SALT`); the composition root calls its
 ``apply(backbone)`` before the method is built. See ``docs/adapters.md``.
 """
 
 from dgkit.adapters.core import AdapterLinear, inject, linear_names, mark_trainable, merge, regularizers
+from dgkit.adapters.dora_sam import DoRALinear, DoRASAM, InputMagnitudeDoRALinear
 from dgkit.adapters.lora import DoRA, LoRA
 from dgkit.adapters.pego import PEGO, LoRAGroupLinear, orthogonality_penalty
 from dgkit.adapters.qkv import SplitQKV, split_qkv
@@ -21,8 +22,11 @@ __all__ = [
     "AdapterLinear",
     "AnnealedWeightDecay",
     "DoRA",
+    "DoRALinear",
+    "DoRASAM",
     "Freeze",
     "FullFineTuning",
+    "InputMagnitudeDoRALinear",
     "LoRA",
     "LoRAGroupLinear",
     "SVDLinear",
