@@ -108,10 +108,15 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows
         ],
     ]
-    text = (
-        "\n".join(lines)
-        + "\n\nChange in accuracy points against each run's float model ('in' split), mean ± s.e. over runs.\n"
-    )
+    awq = [r for r in rows if "logits_error" in r]
+    if awq:
+        lines += ["", "| variant | logits rel. L2 error | RTN at the same bits |", "|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['logits_error']['awq'][0]:.4f} ± {r['logits_error']['awq'][1]:.4f} | "
+                  f"{r['logits_error']['rtn'][0]:.4f} ± {r['logits_error']['rtn'][1]:.4f} |" for r in awq]  # fmt: skip
+    note = "Change in accuracy points against each run's float model ('in' split), mean ± s.e. over runs."
+    if awq:
+        note += " Logits error: relative L2 against the float model on the calibration (source) images."
+    text = "\n".join(lines) + f"\n\n{note}\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "study.md", text)
