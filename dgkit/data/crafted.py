@@ -68,7 +68,12 @@ FAMILIES: dict[str, Callable[[], list[A.BasicTransform]]] = {
 }
 """Each family's operations (one is drawn per image)."""
 
-POLICY_FAMILIES = {"none": set(), "digits": {"geometric"}, "imagenet": {"geometric", "color"}}
+POLICY_FAMILIES = {
+    "none": set(),
+    "digits": {"geometric"},
+    "imagenet": {"geometric", "color"},
+    "maps": {"geometric", "color"},
+}
 """The families each training policy (``data.augment``) already uses: never valid for validation with it."""
 
 
