@@ -218,3 +218,29 @@ def test_variant_labels_mark_target_calibration():
     assert variant_label("prune_magnitude", {"state": {"calibration": None}}) == "PRUNE-MAGNITUDE"
     assert variant_label("awq_w4", {"state": {"calibration": {"allow_target": False}}}) == "AWQ-W4"
     assert variant_label("awq_w4", {"state": {"calibration": {"allow_target": True}}}) == "AWQ-W4[target-calib]"
+
+
+@pytest.mark.parametrize("group", ["norm1", "attn.qkv", "norm2", "mlp.act"])
+def test_awq_folding_is_exact_on_sam_encoder_blocks(group):
+    """SAM's windowed block pads the normalised tokens with zeros; every fold still leaves it unchanged."""
+    from segment_anything.modeling.image_encoder import Block
+
+    torch.manual_seed(0)
+    block = Block(dim=32, num_heads=2, window_size=3, input_size=(5, 5)).eval()  # 5x5 grid: windows padded
+    x = torch.randn(2, 5, 5, 32)
+    before = block(x)
+    balanced = {"norm1": "attn.qkv", "attn.qkv": "attn.proj", "norm2": "mlp.lin1", "mlp.act": "mlp.lin2"}[group]
+    linear = block.get_submodule(balanced)
+    s = torch.rand(linear.in_features, generator=torch.Generator().manual_seed(1)) * 3 + 0.2
+    WeightQuantize._fold(block, group, linear, s, "blocks.0", {"scaled_activations": {}})
+    torch.testing.assert_close(block(x), before, atol=1e-5, rtol=1e-4)
+
+
+def test_awq_quantises_a_sam_encoder(tiny_cfg):
+    datamodule, method = build(tiny_cfg("backbone=sam_tiny", "task=segmentation", "data.image_size=32"))
+    link = WeightQuantize(bits=4, group=32, calibration={"images_per_domain": 4})
+    state = link.transform(method, TransformContext(stage="after_fit", datamodule=datamodule))
+    groups = state["report"]["groups"]
+    assert {k.rsplit(".", 1)[1] for k in groups} == {"attn_in", "attn_out", "mlp_in", "mlp_out"}
+    assert any(name.endswith("mlp.lin2") for name in state["layers"])
+    assert state["report"]["logits_error"]["awq"] <= state["report"]["logits_error"]["rtn"] * 1.05

@@ -18,6 +18,9 @@ MLP input               ``norm2``                             ``mlp.fc1``     ``
 MLP output              ``mlp.act`` → :class:`ScaledActivation`  ``mlp.fc2``  ``mlp.fc2``
 ======================  ===================================  ==============  ================
 
+segment-anything's encoder blocks have the same shape (``mlp.lin1``/``mlp.lin2``); windowed attention pads the
+normalised tokens with zeros, which the folding leaves at zero, so the fold stays exact there too.
+
 Clipping is skipped for ``qkv`` (the q·kᵀ product makes its error hard to see from the layer alone). Linears
 outside such blocks are quantised by RTN. Written by hand (about 150 lines): llm-awq and AutoAWQ target
 language models only, AutoAWQ is deprecated, and neither quantises vision towers.
@@ -56,9 +59,22 @@ class ScaledActivation(nn.Module):
         return self.act(x) / self.scales.to(x.dtype)
 
 
+MLP_LINEARS = (("fc1", "fc2"), ("lin1", "lin2"))
+"""The MLP's two linears in a transformer block: timm's ``fc1``/``fc2``, segment-anything's ``lin1``/``lin2``."""
+
+
+def mlp_linears(mlp: nn.Module) -> tuple[str, str] | None:
+    """The names of ``mlp``'s input and output linears (:data:`MLP_LINEARS`), or ``None``."""
+    for names in MLP_LINEARS:
+        if all(isinstance(getattr(mlp, n, None), nn.Linear) for n in names):
+            return names
+    return None
+
+
 def is_vit_block(module: nn.Module) -> bool:
-    """A timm-style transformer block whose four AWQ groups can be folded (affine LayerNorms, fused qkv,
-    nothing between the attention's output and ``proj``)."""
+    """A transformer block (timm's or SAM's encoder block) whose four AWQ groups can be folded: affine
+    LayerNorms, a fused qkv, nothing between the attention's output and ``proj``, an MLP of two linears around
+    an activation ``act``."""
     attn, mlp = getattr(module, "attn", None), getattr(module, "mlp", None)
     norms = [getattr(module, "norm1", None), getattr(module, "norm2", None)]
     return (
@@ -67,7 +83,8 @@ def is_vit_block(module: nn.Module) -> bool:
         and isinstance(getattr(attn, "proj", None), nn.Linear)
         and isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity)
         and getattr(attn, "gate", None) is None
-        and all(isinstance(getattr(mlp, n, None), nn.Linear) for n in ("fc1", "fc2"))
+        and mlp_linears(mlp) is not None
+        and isinstance(getattr(mlp, "act", None), nn.Module)
         and isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)
     )
 
@@ -215,8 +232,8 @@ class WeightQuantize(CompressionTransform):
         captured: list[dict[str, list[torch.Tensor]]] = [{} for _ in blocks]
         handles = []
         for i, block in enumerate(blocks):
-            for key, module in (("attn", block.attn), ("proj", block.attn.proj), ("mlp", block.mlp),
-                                ("fc2", block.mlp.fc2)):  # fmt: skip
+            fc2 = block.mlp.get_submodule(mlp_linears(block.mlp)[1])
+            for key, module in (("attn", block.attn), ("proj", block.attn.proj), ("mlp", block.mlp), ("fc2", fc2)):
 
                 def hook(_m, args, i=i, key=key):
                     captured[i].setdefault(key, []).append(args[0].detach())
@@ -237,10 +254,11 @@ class WeightQuantize(CompressionTransform):
     @staticmethod
     def _groups(block: nn.Module, x: dict[str, torch.Tensor]):
         """``(name, previous op, balanced linear, inspected module, its input)`` for the block's four groups."""
+        fc1, fc2 = mlp_linears(block.mlp)
         yield "attn_in", "norm1", "attn.qkv", block.attn, x["attn"]
         yield "attn_out", "attn.qkv", "attn.proj", block.attn.proj, x["proj"]
-        yield "mlp_in", "norm2", "mlp.fc1", block.mlp, x["mlp"]
-        yield "mlp_out", "mlp.act", "mlp.fc2", block.mlp.fc2, x["fc2"]
+        yield "mlp_in", "norm2", f"mlp.{fc1}", block.mlp, x["mlp"]
+        yield "mlp_out", "mlp.act", f"mlp.{fc2}", block.mlp.get_submodule(fc2), x["fc2"]
 
     @staticmethod
     @torch.no_grad()
