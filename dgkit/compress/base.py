@@ -123,7 +123,7 @@ class CompressionTransform(ModelTransform):
             raise ValueError(
                 f"{type(self).__name__}: no {kinds} layer left to compress in {type(model).__name__} after "
                 f"exclude={[*self.exclude, *self.default_exclude]}"
-                + ("; a convolutional backbone is quantised by compress=int8" if self.layer_types == (nn.Linear,) else "")
+                + ("; a convolutional backbone is quantised by compress=int8" if nn.Conv2d not in self.layer_types else "")
             )
         return names
 
