@@ -119,11 +119,12 @@ class CompressionTransform(ModelTransform):
         """
         names = select_layers(model, self.layer_types, self.include, self.exclude, self.default_exclude)
         if not names:
+            hint = "" if nn.Conv2d in self.layer_types else "; a convolutional backbone is quantised by compress=int8"
             kinds = "/".join(t.__name__ for t in self.layer_types)
             raise ValueError(
                 f"{type(self).__name__}: no {kinds} layer left to compress in {type(model).__name__} after "
                 f"exclude={[*self.exclude, *self.default_exclude]}"
-                + ("; a convolutional backbone is quantised by compress=int8" if nn.Conv2d not in self.layer_types else "")
+                f"{hint}"
             )
         return names
 
