@@ -231,8 +231,10 @@ def _with_tta(cfg: DictConfig, folder: RunFolder, final: dict[str, Any]) -> dict
     if cfg.get("print_summary", True):
         print(format_result(result))  # once: not logged too (Hydra's console logging would repeat it)
     log.info("test-time adaptation of the selected checkpoint written to %s", path)
-    sets = {d: {"acc_none": r["acc_none"], "acc_tta": r["acc_tta"]} for d, r in result["sets"].items()}
-    entry = {"batch_size": tta.batch_size, "sets": sets, "time_ratio": result["time_ratio"], "file": str(path)}
+    key = result["metric"]  # the task's metric: acc_none/acc_tta for classification, miou_none/miou_tta...
+    sets = {d: {f"{key}_none": r[f"{key}_none"], f"{key}_tta": r[f"{key}_tta"]} for d, r in result["sets"].items()}
+    entry = {"batch_size": tta.batch_size, "metric": key, "sets": sets, "time_ratio": result["time_ratio"],
+             "file": str(path)}  # fmt: skip
     final = {**final, "tta": {**final.get("tta", {}), tta.name: entry}}
     folder.write_final(final)
     return final

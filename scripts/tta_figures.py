@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from dgkit.checkpoint import load_checkpoint_and_data  # noqa: E402
 from dgkit.config import register_resolvers  # noqa: E402
 from dgkit.tta import build_test_sets, evaluate_tta  # noqa: E402
+from dgkit.tta.runner import result_metric  # noqa: E402
 from dgkit.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
 
 
@@ -45,7 +46,8 @@ def evaluate_run(run: Path, ttas: list[str], corrupt: dict, seed: int) -> dict:
             results[name] = evaluate_tta(method, datamodule, tta, sets, seed=seed, baseline=i == 0)
         except ValueError as e:  # a TTA that does not fit this model: recorded, not fatal
             results[name] = {"error": str(e)}
-        print(f"{run.name} {name}: {results[name].get('mean_acc_tta', results[name].get('error'))}", flush=True)
+        res = results[name]
+        print(f"{run.name} {name}: {res.get(f'mean_{result_metric(res)[0]}_tta', res.get('error'))}", flush=True)
     tested = {"run": str(run), "test_domains": list(datamodule.test_domains), "corrupt": corrupt, "ttas": ttas}
     return {**tested, "results": results}
 
@@ -74,8 +76,9 @@ def _add_tta(tta: str, res: dict, base_ms: float, clean: dict, corr: dict, sev: 
     ratio[tta].append(sum(row["ms_per_image_tta"] for row in res["sets"].values()) / base_ms)
     per_run_corr: dict = defaultdict(list)
     per_run_sev: dict = defaultdict(list)
+    key = result_metric(res)[0]  # the task's metric (acc; miou for segmentation)
     for name, row in res["sets"].items():
-        acc = row["acc_tta"]
+        acc = row[f"{key}_tta"]
         if "/" not in name:
             if tta != "none":
                 clean[name][tta].append(acc)
@@ -110,14 +113,16 @@ def tables(*folders: Path) -> str:
             if i == 0:  # the unadapted accuracy: once per run
                 for name, row in base["sets"].items():
                     if "/" not in name:
-                        clean[name]["none"].append(row["acc_none"])
+                        clean[name]["none"].append(row[f"{result_metric(base)[0]}_none"])
             for tta, res in rec["results"].items():
                 if tta in done or "sets" not in res:
                     continue
                 done.add(tta)
                 _add_tta(tta, res, base_ms, clean, corr, sev, ratio)
     head = "| | " + " | ".join(ttas) + " |\n|---|" + "---|" * len(ttas) + "\n"
-    out = [f"{len(records)} runs; accuracy % (held-out domain 'in' split), mean ± standard error over runs.\n"]
+    results = [res for recs in records.values() for rec in recs for res in rec["results"].values() if "sets" in res]
+    metric = " / ".join(sorted({result_metric(res)[1] for res in results})) or "accuracy"
+    out = [f"{len(records)} runs; {metric} % (held-out domain 'in' split), mean ± standard error over runs.\n"]
     out.append("Clean held-out domains\n\n" + head)
     out += [f"| {d} | " + " | ".join(_mean_se(clean[d][t]) for t in ttas) + " |\n" for d in sorted(clean)]
     if corr:

@@ -60,6 +60,7 @@ class AdaNPC(TestTimeAdapter):
     """
 
     name = "adanpc"
+    per_image_mechanism = "its k-NN memory holds pooled per-image features with one label per image"
 
     def __init__(
         self,

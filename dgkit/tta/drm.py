@@ -33,6 +33,7 @@ class DRMEnsemble(TestTimeAdapter):
     """
 
     name = "drm"
+    per_image_mechanism = "its ensemble weights heads by each image's prediction entropy over pooled features"
 
     def __init__(
         self,
@@ -53,15 +54,15 @@ class DRMEnsemble(TestTimeAdapter):
         self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-4))
         self.optimizer: torch.optim.Optimizer | None = None
 
-    def bind_method(self, method: nn.Module, source: Iterable = ()) -> DRMEnsemble:
-        """Bind to a DRM checkpoint: its backbone and all heads (the domain heads, then the shared one)."""
+    def model_parts(self, method: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """A DRM checkpoint's backbone and all heads (the domain heads, then the shared one)."""
         heads = getattr(method, "heads", None)
         if not isinstance(heads, nn.ModuleList):
             raise ValueError(
                 f"tta=drm needs a checkpoint trained with method=drm (per-domain heads); this one is "
                 f"{type(method).__name__}. Use tta=adanpc, t3a or tent on it, or train with method=drm."
             )
-        return self.bind(method.backbone, nn.ModuleList([*heads, method.classifier]), source)
+        return method.backbone, nn.ModuleList([*heads, method.classifier])
 
     def setup(self, source: Iterable) -> None:
         """Heads trainable when steering (the backbone stays frozen and in eval mode)."""

@@ -2,7 +2,8 @@
 
 Each test set (a held-out domain's ``in`` split by default, the split result tables report, and optionally its
 corrupted copies, ``digits_c``) streams in a fixed order drawn from ``seed``, in batches of ``tta.batch_size``,
-through the source model and through the TTA, which is reset per its policy. A plain loop rather than
+through the source model and through the TTA, which is reset per its policy, and is scored with the run's task
+metric (``Task.build_metric`` / ``Task.update_metric``: accuracy, or mIoU for segmentation). A plain loop rather than
 Lightning's test loop: a TTA is stateful and order-dependent, and this keeps the order, the resets and the
 grad/no-grad switch in one visible place (gradient TTAs run under ``torch.enable_grad``, the rest under
 ``torch.inference_mode``).
@@ -21,6 +22,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from dgkit.data.corruptions import corrupted_sets
 from dgkit.data.datamodule import TransformedDataset
 from dgkit.data.transforms import build_transform
+from dgkit.tasks import Task
 from dgkit.tta.base import TestTimeAdapter
 
 log = logging.getLogger(__name__)
@@ -85,10 +87,15 @@ def run_stream(
     loader: DataLoader,
     grad: bool,
     device: torch.device,
+    task: Task,
+    num_classes: int,
     before_batch: Callable[[], None] | None = None,
 ) -> tuple[float, float, int]:
-    """``(accuracy, seconds spent in predict, images)`` of ``predict`` over ``loader``."""
-    correct, seen, seconds = 0, 0, 0.0
+    """``(score, seconds spent in predict, images)`` of ``predict`` over ``loader``: the score is the task's own
+    metric (``task.build_metric``: accuracy for classification, mIoU over every pixel of the stream for
+    segmentation), accumulated batch by batch with ``task.update_metric``."""
+    metric = task.build_metric(num_classes).to(device)
+    seen, seconds = 0, 0.0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         if before_batch is not None:
@@ -99,16 +106,21 @@ def run_stream(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - start
-        correct += int((scores.argmax(1) == y).sum())
+        with torch.inference_mode():
+            task.update_metric(metric, scores.detach(), y)
         seen += len(y)
-    return correct / seen, seconds, seen
+    return float(metric.compute()), seconds, seen
 
 
 def evaluate_tta(
     method, datamodule, tta: TestTimeAdapter, sets: dict[str, Dataset] | None = None, seed: int = 0,
     baseline: bool = True, split: str = "in",
 ) -> dict[str, Any]:  # fmt: skip
-    """Accuracy and time per image of the source model (``baseline``) and of ``tta`` on each test set.
+    """The task's metric and time per image of the source model (``baseline``) and of ``tta`` on each test set.
+
+    The result names the metric (``metric``: the task's record key, ``acc`` or ``miou``; ``metric_name``) and
+    its keys carry it: ``<metric>_none`` and ``<metric>_tta`` per set, ``mean_<metric>_none`` and
+    ``mean_<metric>_tta`` (``acc_none``, ``acc_tta``... for classification, as before tasks existed).
 
     Args:
         method: a trained :class:`~dgkit.methods.base.Method` (``backbone`` + ``classifier``, or its own
@@ -118,11 +130,13 @@ def evaluate_tta(
             that does not fit the model fails early).
         sets: ``{name: dataset}`` from :func:`build_test_sets` (default: the held-out domains' ``in`` splits).
         seed: the stream order's seed (the same order for the baseline and the TTA).
-        baseline: also evaluate the unadapted model (``acc_none``, ``ms_per_image_none``).
+        baseline: also evaluate the unadapted model (``<metric>_none``, ``ms_per_image_none``).
         split: the split ``sets`` were taken from; those (domain, split) pairs stay out of the source memory.
     """
     sets = sets if sets is not None else build_test_sets(datamodule)
     method.eval()
+    task, num_classes = method.task, int(method.hparams.num_classes)
+    key = task.metric
     evaluated = [(name, s) for name in sets for s in ("in", "out") if split in (s, "all")]
     start = time.perf_counter()
     tta.bind_method(method, source_batches(datamodule, exclude=evaluated))
@@ -132,24 +146,26 @@ def evaluate_tta(
     for name, dataset in sets.items():
         row: dict[str, Any] = {"images": len(dataset)}
         if baseline:
-            acc, secs, n = run_stream(method, stream(dataset, tta.batch_size, seed), False, device)
-            row.update(acc_none=acc, ms_per_image_none=1e3 * secs / n)
+            score, secs, n = run_stream(method, stream(dataset, tta.batch_size, seed), False, device, task, num_classes)
+            row.update({f"{key}_none": score, "ms_per_image_none": 1e3 * secs / n})
         if tta.reset_policy == "per_domain":
             tta.reset()
         before = tta.reset if tta.reset_policy == "per_batch" else None
-        acc, secs, n = run_stream(tta.predict, stream(dataset, tta.batch_size, seed), tta.needs_grad, device, before)
-        row.update(acc_tta=acc, ms_per_image_tta=1e3 * secs / n)
+        loader = stream(dataset, tta.batch_size, seed)
+        score, secs, n = run_stream(tta.predict, loader, tta.needs_grad, device, task, num_classes, before)
+        row.update({f"{key}_tta": score, "ms_per_image_tta": 1e3 * secs / n})
         if baseline:
             row.update(added_ms_per_image=row["ms_per_image_tta"] - row["ms_per_image_none"])
         per_set[name] = row
         log.info("%s: %s", name, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
     result: dict[str, Any] = {
         "tta": tta.name, "batch_size": tta.batch_size, "reset": tta.reset_policy, "seed": seed,
-        "needs_grad": tta.needs_grad, "bind_seconds": bind_seconds, "sets": per_set,
-        "mean_acc_tta": sum(v["acc_tta"] for v in per_set.values()) / len(per_set),
+        "needs_grad": tta.needs_grad, "bind_seconds": bind_seconds, "task": task.name, "metric": key,
+        "metric_name": task.metric_name, "sets": per_set,
+        f"mean_{key}_tta": sum(v[f"{key}_tta"] for v in per_set.values()) / len(per_set),
     }  # fmt: skip
     if baseline:
-        result["mean_acc_none"] = sum(v["acc_none"] for v in per_set.values()) / len(per_set)
+        result[f"mean_{key}_none"] = sum(v[f"{key}_none"] for v in per_set.values()) / len(per_set)
         none_ms = sum(v["ms_per_image_none"] for v in per_set.values())
         result["time_ratio"] = sum(v["ms_per_image_tta"] for v in per_set.values()) / none_ms
     return result

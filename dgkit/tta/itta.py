@@ -58,6 +58,7 @@ class ITTAAdapter(TestTimeAdapter):
 
     needs_grad = True
     name = "itta"
+    per_image_mechanism = "its consistency loss and prediction read the pooled per-image features"
 
     def __init__(
         self,
@@ -76,11 +77,11 @@ class ITTAAdapter(TestTimeAdapter):
         self._learned: nn.Module | None = None
         self.fixed_loss = False
 
-    def bind_method(self, method: nn.Module, source: Iterable = ()) -> ITTAAdapter:
-        """Bind to a checkpoint; take its learned loss ``consistency`` if it was trained with ``method=itta``."""
+    def model_parts(self, method: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """Backbone and head; take the learned loss ``consistency`` if it was trained with ``method=itta``."""
         backbone_stages(method.backbone, "tta=itta")  # fails early, before any copy, on an unsupported backbone
         self._learned = getattr(method, "consistency", None)
-        return self.bind(method.backbone, method.classifier, source)
+        return method.backbone, method.classifier
 
     def setup(self, source: Iterable) -> None:
         """Stage split, one identity mapping per stage output (shapes from a dummy forward), the optimiser."""

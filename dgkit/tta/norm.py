@@ -44,9 +44,11 @@ def use_batch_statistics(model: nn.Module, what: str) -> list[nn.Module]:
 
 class BNAdapt(TestTimeAdapter):
     """``tta=bn_adapt``: normalise with each test batch's own statistics (Schneider et al. 2020; Tent's
-    "norm" baseline). No gradients; the running statistics of the source model are not used."""
+    "norm" baseline). No gradients; the running statistics of the source model are not used. Any task: on a
+    segmentation model the statistics are those of the batch's feature maps, as for classification."""
 
     name = "bn_adapt"
+    per_image_mechanism = None
 
     def setup(self, source: Iterable) -> None:
         """Switch BatchNorm to batch statistics (error without BatchNorm)."""
@@ -58,7 +60,9 @@ class Tent(TestTimeAdapter):
     entropy, updating only the affine parameters of the normalisation layers; the prediction is the output of
     the first forward. BatchNorm uses batch statistics (as in Tent); on a backbone without BatchNorm (ViTs) the
     LayerNorm/GroupNorm affine parameters are adapted instead, which is Tent's recipe transposed, not the
-    paper's setting: a warning names the layers.
+    paper's setting: a warning names the layers. On a segmentation model the loss is the entropy of every pixel's
+    prediction averaged over the batch's pixels (none ignored: test labels are never read), and the prediction is
+    per pixel.
 
     Args:
         optimizer: a partial taking the parameters (Tent's CIFAR default: Adam, lr 1e-3).
@@ -68,6 +72,7 @@ class Tent(TestTimeAdapter):
 
     needs_grad = True
     name = "tent"
+    per_image_mechanism = None
 
     def __init__(
         self,
@@ -122,13 +127,18 @@ class Tent(TestTimeAdapter):
         """Restore the optimiser state."""
         self.optimizer.load_state_dict(state["optimizer"])
 
+    @staticmethod
+    def loss(logits: torch.Tensor) -> torch.Tensor:
+        """Tent's objective: the mean prediction entropy, over images ``(B, C)`` or over pixels ``(B, C, H, W)``."""
+        return entropy(logits).mean()
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Forward, entropy step(s), and the first forward's logits."""
         first = None
         for _ in range(self.steps):
-            logits = self.classifier(self.backbone(x))
+            logits = self.forward(x)
             first = logits.detach() if first is None else first
-            loss = entropy(logits).mean()
+            loss = self.loss(logits)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

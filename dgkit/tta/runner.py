@@ -54,19 +54,27 @@ def run_tta(
     return result, path
 
 
+def result_metric(result: dict[str, Any]) -> tuple[str, str]:
+    """``(record key, display name)`` of the metric a result was scored with (``acc``/accuracy for results
+    written before tasks named it)."""
+    return result.get("metric", "acc"), result.get("metric_name", "accuracy")
+
+
 def format_result(result: dict[str, Any]) -> str:
-    """A plain-text table of one evaluation."""
+    """A plain-text table of one evaluation (the task's metric in %, and times)."""
+    key, name = result_metric(result)
     lines = [
-        f"tta={result['tta']} batch_size={result['batch_size']} reset={result['reset']} split={result.get('split')}",
+        f"tta={result['tta']} batch_size={result['batch_size']} reset={result['reset']} split={result.get('split')} "
+        f"metric={name} (%)",
         f"{'test set':<28}{'none %':>8}{'tta %':>8}{'ms/img none':>13}{'ms/img tta':>12}",
     ]
-    for name, row in result["sets"].items():
+    for set_name, row in result["sets"].items():
         lines.append(
-            f"{name:<28}{100 * row['acc_none']:8.1f}{100 * row['acc_tta']:8.1f}"
+            f"{set_name:<28}{100 * row[f'{key}_none']:8.1f}{100 * row[f'{key}_tta']:8.1f}"
             f"{row['ms_per_image_none']:13.3f}{row['ms_per_image_tta']:12.3f}"
         )
     lines.append(
-        f"{'mean':<28}{100 * result['mean_acc_none']:8.1f}{100 * result['mean_acc_tta']:8.1f}"
+        f"{'mean':<28}{100 * result[f'mean_{key}_none']:8.1f}{100 * result[f'mean_{key}_tta']:8.1f}"
         f"   time ratio (tta / none) {result['time_ratio']:.2f}"
     )
     return "\n".join(lines)

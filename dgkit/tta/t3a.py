@@ -28,6 +28,7 @@ class T3A(TestTimeAdapter):
     """
 
     name = "t3a"
+    per_image_mechanism = "its class templates are built from pooled per-image features and a linear head"
 
     def __init__(self, filter_k: int = 100, reset: str = "per_domain", batch_size: int = 64) -> None:
         super().__init__(reset, batch_size)
