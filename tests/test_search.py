@@ -7,13 +7,18 @@ import math
 
 import numpy as np
 import pytest
+from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
+from dgkit.chain import chain_configs
+from dgkit.compose import build
+from dgkit.data.style import BatchStylesStandardization
 from dgkit.eval.records import Run
 from dgkit.eval.selection import TrainingDomainValidation
 from dgkit.identity import hparams_id
-from dgkit.run import train
-from dgkit.search import apply_hparams_seed, draw, search_spaces
+from dgkit.run import run_identity, train
+from dgkit.search import apply_hparams_seed, check_spaces, draw, search_spaces, without_search
+from tests.conftest import CONF
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,3 +104,113 @@ def test_selection_is_per_fold_among_that_folds_candidates():
     rule = TrainingDomainValidation()
     a, b = rule.select(runs, "A"), rule.select(runs, "B")
     assert (a.hparams, a.test_score) == ("h1", 0.30) and (b.hparams, b.test_score) == ("h2", 0.20)
+
+
+# --- search spaces of adapters and augmentations -----------------------------------------------------------------
+
+ADAPTER_CONFIGS = sorted((CONF / "adapter").glob("*.yaml"))
+TUNABLE = ("rank", "alpha", "num", "weight", "top_ratio", "reg_weight", "dropout")  # knobs a search may cover
+
+
+def test_every_adapter_with_knobs_declares_a_search_space(tiny_cfg):
+    for path in ADAPTER_CONFIGS:
+        knobs = [k for k in OmegaConf.load(path) if k in TUNABLE]
+        spaces = check_spaces(tiny_cfg(f"adapter={path.stem}"))  # every searched key is one the adapter takes
+        adapter = sorted(k for k in spaces if k.startswith("adapter."))
+        assert bool(adapter) == bool(knobs), path.stem  # freeze / none: nothing to tune, no search block
+        if "rank" in knobs:
+            assert "adapter.rank" in adapter, path.stem
+    bss = [k for k in check_spaces(tiny_cfg("+augment=bss")) if k.startswith("augment.bss.")]
+    assert sorted(bss) == ["augment.bss.p", "augment.bss.r_max"]
+
+
+def test_adapter_draws_are_reproducible_land_in_the_config_and_build(tiny_cfg):
+    cfg = tiny_cfg("adapter=lora", "hparams_seed=3")
+    draws = apply_hparams_seed(cfg)
+    assert draws == apply_hparams_seed(tiny_cfg("adapter=lora", "hparams_seed=3"))
+    assert {"adapter.rank", "adapter.alpha", "method.optimizer.lr"} <= set(draws)
+    assert (cfg.adapter.rank, cfg.adapter.alpha) == (draws["adapter.rank"], draws["adapter.alpha"])
+    assert isinstance(cfg.adapter.rank, int) and cfg.adapter.rank in (4, 8, 16, 32)
+    link = chain_configs(cfg)[0]
+    assert "search" not in link and link["rank"] == draws["adapter.rank"]  # the drawn value is the argument
+    _, method = build(cfg)
+    ranks = {p.shape[0] for n, p in method.named_parameters() if "lora_A" in n}
+    assert ranks == {draws["adapter.rank"]}
+
+
+def test_adapter_draws_alone_make_another_candidate(tiny_cfg):
+    def drawn(seed):
+        cfg = tiny_cfg("adapter=pego", f"hparams_seed={seed}", "~method.search")  # only the adapter is searched
+        return cfg, apply_hparams_seed(cfg)
+
+    first, first_draws = drawn(1)
+    assert set(first_draws) == {"adapter.rank", "adapter.num", "adapter.weight"}
+    assert 1e-4 <= first_draws["adapter.weight"] <= 1e-2
+    second, second_draws = drawn(2)
+    assert second_draws != first_draws and hparams_id(second) != hparams_id(first)
+    assert hparams_id(first) != hparams_id(tiny_cfg("adapter=pego"))
+
+
+@pytest.mark.parametrize("group", [*(f"adapter={p.stem}" for p in ADAPTER_CONFIGS), "+augment=bss"])
+def test_seed_zero_keeps_the_defaults_and_the_ids_of_collected_runs(tiny_cfg, group):
+    cfg = tiny_cfg(group)
+    defaults = OmegaConf.to_container(cfg, resolve=False)
+    assert apply_hparams_seed(cfg) == {} and OmegaConf.to_container(cfg, resolve=False) == defaults
+    collected = tiny_cfg(group)  # a run made before the search block existed: same config, no block
+    with open_dict(collected):
+        del collected["hparams_seed"]
+        block = collected.augment.bss if group == "+augment=bss" else collected.adapter
+        block.pop("search", None)
+    assert hparams_id(cfg) == hparams_id(collected) and run_identity(cfg) == run_identity(collected)
+
+
+def test_bss_draws_land_in_the_augmentation(tiny_cfg):
+    cfg = tiny_cfg("+augment=bss", "hparams_seed=4")
+    draws = apply_hparams_seed(cfg)
+    assert cfg.augment.bss.r_max == draws["augment.bss.r_max"] and cfg.augment.bss.p == draws["augment.bss.p"]
+    assert 0.02 <= cfg.augment.bss.r_max <= 0.25 and cfg.augment.bss.r_min <= cfg.augment.bss.r_max
+    bss = instantiate(without_search(cfg.augment.bss))  # the drawn values are valid arguments
+    assert isinstance(bss, BatchStylesStandardization)
+    assert hparams_id(cfg) != hparams_id(tiny_cfg("+augment=bss"))
+
+
+@pytest.mark.parametrize(
+    ("key", "spec", "message"),
+    [
+        ("rank", {"dist": "normal", "low": 1, "high": 4}, r"'adapter.rank': dist 'normal' must be one of"),
+        ("rank", {"dist": "choice", "values": []}, r"'adapter.rank': dist choice needs a non-empty list"),
+        ("alpha", {"dist": "uniform", "low": 8}, r"'adapter.alpha': dist uniform needs numeric low and high"),
+        ("alpha", {"dist": "log_uniform", "low": 0, "high": 8}, r"'adapter.alpha': log_uniform needs low > 0"),
+        ("alpha", {"dist": "uniform", "low": 8, "high": 4}, r"'adapter.alpha': low 8.0 > high 4.0"),
+        (
+            "ranks",
+            {"dist": "choice", "values": [4]},
+            r"'adapter.ranks' is not in the config .*dgkit.adapters.LoRA takes: rank, alpha, dropout",
+        ),
+        ("_target_", {"dist": "choice", "values": ["x"]}, r"'adapter._target_' is not in the config"),
+    ],
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_an_invalid_search_block_is_a_clear_error(tiny_cfg, key, spec, message, seed):
+    cfg = tiny_cfg("adapter=lora", f"hparams_seed={seed}")
+    with open_dict(cfg):
+        OmegaConf.update(cfg, f"adapter.search.{key}", spec, merge=False)
+    with pytest.raises(ValueError, match=message):
+        apply_hparams_seed(cfg)
+
+
+def test_a_key_the_adapter_does_not_take_is_refused(tiny_cfg):
+    cfg = tiny_cfg(
+        "adapter=lora", "hparams_seed=1", "+adapter.depth=2", "+adapter.search.depth={dist:choice,values:[2]}"
+    )
+    with pytest.raises(ValueError, match=r"'adapter.depth': dgkit.adapters.LoRA takes no 'depth'; .* takes: rank"):
+        apply_hparams_seed(cfg)
+
+
+def test_a_drawn_adapter_is_recorded_like_a_method_draw(tiny_cfg, tmp_path):
+    train(tiny_cfg("adapter=lora", "hparams_seed=2", "~method.search", out="drawn"))
+    run = json.loads((tmp_path / "drawn" / "run.json").read_text())
+    assert set(run["draws"]) == {"adapter.rank", "adapter.alpha"}
+    saved = OmegaConf.load(tmp_path / "drawn" / "config.yaml").adapter
+    assert (saved.rank, saved.alpha) == (run["draws"]["adapter.rank"], run["draws"]["adapter.alpha"])
+    assert run["hparams"] != hparams_id(tiny_cfg("adapter=lora"))
