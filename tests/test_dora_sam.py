@@ -9,6 +9,7 @@ from torch import nn
 
 from dgkit.adapters import DoRALinear, DoRASAM, SplitQKV, merge
 from dgkit.backbones import SAMBackbone
+from dgkit.search import without_search
 
 
 def _tiny(**kw) -> SAMBackbone:
@@ -21,7 +22,7 @@ def _tiny(**kw) -> SAMBackbone:
 def _adapted(axis: str, **kw) -> tuple[SAMBackbone, dict[str, torch.Tensor], list[str]]:
     b = _tiny(**kw)
     original = {k: v.clone() for k, v in b.state_dict().items()}
-    cfg = OmegaConf.load("conf/adapter/dora_sam.yaml")
+    cfg = without_search(OmegaConf.load("conf/adapter/dora_sam.yaml"))  # a search space is not an argument
     names = instantiate(cfg, magnitude_axis=axis).apply(b)
     return b, original, names
 
