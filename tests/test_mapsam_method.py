@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from dgkit.backbones import SAMBackbone
 from dgkit.methods import MapSAM
+from dgkit.search import without_search
 from dgkit.tasks import Segmentation
 
 
@@ -16,7 +17,7 @@ def _setup(**method_kw):
     args = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("_target_", "img_size")}
     torch.manual_seed(0)
     backbone = SAMBackbone(img_size=64, **{**args, "prompt_decoder": True, "multimask_outputs": 0})
-    instantiate(OmegaConf.load("conf/adapter/dora_sam.yaml")).apply(backbone)
+    instantiate(without_search(OmegaConf.load("conf/adapter/dora_sam.yaml"))).apply(backbone)
     return MapSAM(backbone, 2, ["a", "b"], ["b"], task=Segmentation(), **method_kw)
 
 
