@@ -19,7 +19,7 @@ RUN_KEYS = (
 DATA_RUN_KEYS = ("test_domains", "root", "num_workers", "eval_batch_size", "crafted_families")
 TRAINER_RUN_KEYS = (
     "devices", "accelerator", "enable_progress_bar", "log_every_n_steps", "num_nodes", "strategy",
-    "use_distributed_sampler",
+    "use_distributed_sampler", "compile", "channels_last",
 )  # fmt: skip
 _DEFAULT_TASK = "dgkit.tasks.Classification"
 
@@ -34,7 +34,7 @@ def hparams_id(cfg: DictConfig, budget: bool = True) -> str:
     Hashed before interpolations are resolved, so where the data lives (``paths``, ``data.root`` and what
     interpolates them) does not make the same configuration a second hyper-parameter candidate. Defaults that
     learn what older configs learned (classification task, empty transform chain, full fine-tuning, a disabled
-    augmentation) are left out, so ids stay those of the runs already collected.
+    augmentation, ``data.shots: null``) are left out, so ids stay those of the runs already collected.
     """
     c = OmegaConf.to_container(cfg, resolve=False)
     if not c.get("hparams_seed"):
@@ -46,6 +46,8 @@ def hparams_id(cfg: DictConfig, budget: bool = True) -> str:
             block.pop("search", None)  # where a value may be drawn from, not a value
     for key in DATA_RUN_KEYS:
         c.get("data", {}).pop(key, None)
+    if c.get("data", {}).get("shots", 0) is None:
+        c["data"].pop("shots")  # every image of the in split: what configs without the key trained on
     for key in TRAINER_RUN_KEYS + (() if budget else ("max_steps",)):
         c.get("trainer", {}).pop(key, None)
     augment = c.get("augment") or {}

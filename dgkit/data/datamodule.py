@@ -13,7 +13,10 @@ sources and held-out ones alike, so any selection rule can be applied after trai
 
 Self-supervised methods ask for ``views`` > 1: each training image then comes as ``views`` independent draws
 of the training augmentation and a domain's batch is ``(x (V, B, C, H, W), y)``. ``labels_per_class`` keeps
-only ``k`` training images per class and source domain (few-label linear probes); evaluation is unchanged.
+only ``k`` training images per class and source domain (few-label linear probes); ``shots`` keeps only ``k``
+training images per source domain whatever their labels (few-shot training, segmentation tiles included). Both
+draw with a seed keyed on ``(seed, domain)``; the rest of the ``in`` split is not trained on, and evaluation is
+unchanged.
 """
 
 from __future__ import annotations
@@ -130,22 +133,52 @@ def labels_of(dataset: Dataset) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64)
 
 
-def few_labels(indices: np.ndarray, labels: np.ndarray, k: int, seed: int, domain: str) -> np.ndarray:
-    """``k`` of ``indices`` per class (sorted), drawn with a seed keyed on ``(seed, domain)``.
+def seeded_subset(
+    indices: np.ndarray, k: int, seed: int, domain: str, key: str, labels: np.ndarray | None = None
+) -> np.ndarray:
+    """``k`` of ``indices`` (sorted), drawn without replacement by a generator seeded on ``(seed, domain, key)``;
+    with ``labels``, ``k`` per class. ``key`` names the option that asked (``labels_per_class``, ``shots``), so each
+    option draws its own subset; the draw depends on the seed and the domain only, not on which domains are held out.
 
     Raises:
-        ValueError: a class has fewer than ``k`` images among ``indices``.
+        ValueError: fewer than ``k`` images to draw from (per class with ``labels``), naming the option, the domain
+            and how many it has.
     """
-    rng = np.random.RandomState(seed_hash(seed, domain, "labels_per_class"))
+    rng = np.random.RandomState(seed_hash(seed, domain, key))
+    if labels is None:
+        if len(indices) < k:
+            raise ValueError(
+                f"data.{key}={k}: source domain {domain!r} has only {len(indices)} images in its 'in' (training) "
+                f"split; lower data.{key} (or data.holdout_fraction)"
+            )
+        return np.sort(rng.choice(indices, size=k, replace=False))
     picked = []
     for c in np.unique(labels):
         pool = indices[labels[indices] == c]
         if len(pool) < k:
-            raise ValueError(
-                f"data.labels_per_class={k}: domain {domain!r} has only {len(pool)} training images of class {c}"
-            )
+            raise ValueError(f"data.{key}={k}: domain {domain!r} has only {len(pool)} training images of class {c}")
         picked.append(rng.choice(pool, size=k, replace=False))
     return np.sort(np.concatenate(picked))
+
+
+def few_labels(indices: np.ndarray, labels: np.ndarray, k: int, seed: int, domain: str) -> np.ndarray:
+    """``k`` of ``indices`` per class (sorted), drawn with a seed keyed on ``(seed, domain)``
+    (:func:`seeded_subset` for ``data.labels_per_class``).
+
+    Raises:
+        ValueError: a class has fewer than ``k`` images among ``indices``.
+    """
+    return seeded_subset(indices, k, seed, domain, "labels_per_class", labels)
+
+
+def few_shots(indices: np.ndarray, k: int, seed: int, domain: str) -> np.ndarray:
+    """``k`` of ``indices`` whatever their labels (sorted), drawn with a seed keyed on ``(seed, domain)``
+    (:func:`seeded_subset` for ``data.shots``): works for class labels and segmentation masks alike.
+
+    Raises:
+        ValueError: ``indices`` has fewer than ``k`` images (the domain and its size are named).
+    """
+    return seeded_subset(indices, k, seed, domain, "shots")
 
 
 class DGDataModule(pl.LightningDataModule):
@@ -169,6 +202,9 @@ class DGDataModule(pl.LightningDataModule):
             the method's ``train_views``).
         labels_per_class: keep only this many training images per class and source domain (``None``: all),
             drawn with a seed keyed on ``(split_seed, domain)``; every class of the benchmark must have as many.
+        shots: keep only this many training images per source domain (``None``: all), drawn from its ``in`` split
+            with a seed keyed on ``(split_seed, domain)`` (:func:`few_shots`); the rest of the ``in`` split is not
+            trained on (it is still evaluated). Exclusive with ``labels_per_class``.
         verify: whether the benchmark checked its image files at setup (``data.verify``; the folder presets pass
             it to their benchmark factory, which does the checking).
         on_bad_image: ``error`` or ``skip`` (``data.on_bad_image``, likewise passed to the factory).
@@ -195,6 +231,7 @@ class DGDataModule(pl.LightningDataModule):
         augment: str = "none",
         views: int = 1,
         labels_per_class: int | None = None,
+        shots: int | None = None,
         verify: bool = False,
         on_bad_image: str = "error",
         crafted_families: Sequence[str] | None = None,
@@ -212,6 +249,13 @@ class DGDataModule(pl.LightningDataModule):
             raise ValueError(f"data.views={views} must be >= 1")
         if labels_per_class is not None and labels_per_class < 1:
             raise ValueError(f"data.labels_per_class={labels_per_class} must be >= 1 (or null for every label)")
+        if shots is not None and shots < 1:
+            raise ValueError(f"data.shots={shots} must be >= 1 (or null for the whole 'in' split)")
+        if shots is not None and labels_per_class is not None:
+            raise ValueError(
+                f"data.shots={shots} and data.labels_per_class={labels_per_class}: set one of them (shots per "
+                "domain, or labels per class and domain)"
+            )
         self.benchmark = benchmark
         self.verify, self.on_bad_image = verify, on_bad_image
         self.name = name or benchmark.name
@@ -222,7 +266,7 @@ class DGDataModule(pl.LightningDataModule):
         self.data_config = data_config or (DataConfig((image_size, image_size)) if image_size else DataConfig())
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.augment = num_workers, augment
-        self.views, self.labels_per_class = views, labels_per_class
+        self.views, self.labels_per_class, self.shots = views, labels_per_class, shots
         self.split_seed = split_seed
         build_transform(self.data_config, augment, train=True)  # validate the policy name now
         self.crafted_families = check_families(crafted_families, augment) if crafted_families is not None else None
@@ -243,6 +287,9 @@ class DGDataModule(pl.LightningDataModule):
             for d in self.source_domains:
                 labels = labels_of(benchmark.datasets[d])
                 self.train_indices[d] = few_labels(self.train_indices[d], labels, labels_per_class, split_seed, d)
+        if shots is not None:
+            for d in self.source_domains:
+                self.train_indices[d] = few_shots(self.train_indices[d], shots, split_seed, d)
 
     def _warn_on_rescaling(self) -> None:
         """Warn once when training resizes the benchmark's images by more than 2x (read from its first image):
@@ -281,8 +328,8 @@ class DGDataModule(pl.LightningDataModule):
         return TransformedDataset(subset, transform)
 
     def train_split(self, domain: str) -> Dataset:
-        """A source domain's training images (its ``in`` split, or ``labels_per_class`` of it), ``views`` each,
-        augmented with per-image seeds (index it with :class:`DomainStream` keys)."""
+        """A source domain's training images (its ``in`` split, or ``labels_per_class`` / ``shots`` of it), ``views``
+        each, augmented with per-image seeds (index it with :class:`DomainStream` keys)."""
         transform = build_transform(self.data_config, self.augment, train=True)
         subset = Subset(self.benchmark.datasets[domain], self.train_indices[domain].tolist())
         return TransformedDataset(subset, transform, views=self.views, seed=self.split_seed, domain=domain)
