@@ -3,7 +3,10 @@
 :func:`predict_checkpoint` rebuilds the model from a checkpoint (:func:`dgkit.checkpoint.load_checkpoint`),
 takes :meth:`~dgkit.methods.base.Method.to_inference` (adapters merged, training-only parts dropped), applies the
 evaluation pipeline built from the stored ``data_config`` (resize + normalise, as validation did) and writes
-``predictions.csv`` with one row per image: ``path, class, probability``. Given an export folder instead
+``predictions.csv`` with one row per image, the task's prediction record
+(:meth:`~dgkit.tasks.Task.prediction_records`): ``path, class, probability`` for classification; for segmentation
+``path, mask_path``, with one mask PNG per image (class ids as ``uint8``, at the image's original size) written in
+a folder beside the CSV (``predictions_masks/``). Given an export folder instead
 (``scripts/export.py``: a directory with ``manifest.json``), it runs the exported model
 (:func:`dgkit.export.runtime.load_export`) with the manifest's preprocessing, classes and task; the CSV is the same.
 ``scripts/predict.py`` is its command.
@@ -14,10 +17,14 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from dgkit.backbones.base import DataConfig
@@ -29,6 +36,7 @@ from dgkit.tasks import Task
 from dgkit.utils.io import atomic_write_text
 
 CSV_COLUMNS = ("path", "class", "probability")
+"""The CSV columns of a classification model (a segmentation model's: ``path, mask_path``)."""
 
 
 def find_images(spec: str | Path) -> list[Path]:
@@ -69,43 +77,75 @@ def predict_files(
     task: Task,
     data_config: DataConfig,
     files: Sequence[Path],
+    classes: Sequence[str],
     batch_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(predicted classes (N,), their probabilities (N,))`` of ``model`` on image files.
+) -> list[dict[str, Any]]:
+    """The prediction record of ``model`` on every image file (:meth:`~dgkit.tasks.Task.prediction_records`: the
+    class and its probability, or a segmentation mask at the image's original size).
 
     Args:
         model: an inference module (normalised images to the task's outputs), in eval mode, or an exported model.
-        task: the task whose prediction rule and probabilities apply.
+        task: the task that turns outputs into records.
         data_config: the preprocessing (the checkpoint's).
         files: image paths; an unreadable one raises naming the file.
+        classes: the class names.
         batch_size: images per forward pass.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     transform = build_transform(data_config, "none", train=False)
-    classes, probabilities = [], []
+    records: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
-        x = torch.stack([transform(image=read_image(f))["image"] for f in files[start : start + batch_size]])
-        outputs = model(x)
-        predicted = task.predict(outputs)  # (B,)
-        classes.append(predicted)
-        probabilities.append(task.probabilities(outputs).gather(-1, predicted[:, None])[:, 0])
-    return torch.cat(classes), torch.cat(probabilities)
+        images = [read_image(f) for f in files[start : start + batch_size]]
+        x = torch.stack([transform(image=image)["image"] for image in images])
+        sizes = [tuple(int(v) for v in image.shape[:2]) for image in images]  # original (H, W)
+        records.extend(task.prediction_records(model(x), sizes, classes))
+    return records
 
 
-def predictions_csv(files: Sequence[Path], classes: torch.Tensor, probabilities: torch.Tensor, names: list[str]) -> str:
-    """The CSV text: a header, then ``path, class name, probability`` per image."""
+def artifact_paths(files: Sequence[Path], folder: Path) -> list[Path]:
+    """Where each image's per-image output file goes: its path relative to the images' common folder, under
+    ``folder``, as ``.png`` (sub-folders kept, so equal names in different folders do not collide)."""
+    resolved = [Path(f).resolve() for f in files]
+    common = Path(os.path.commonpath([str(f.parent) for f in resolved]))
+    return [folder / f.relative_to(common).with_suffix(".png") for f in resolved]
+
+
+def predictions_csv(
+    files: Sequence[Path], records: Sequence[dict[str, Any]], out: Path, out_dir: str | Path | None = None
+) -> str:
+    """The CSV text: a header, then ``path`` and the record's columns per image (floats with 6 decimals).
+
+    A record's array value (``mask``) is written as a PNG under ``out_dir`` (default: ``<csv stem>_<column>s``
+    beside the CSV, e.g. ``predictions_masks/``) and its column becomes ``<column>_path``.
+    """
+    if not records:
+        raise ValueError("no predictions to write")
+    arrays = [k for k, v in records[0].items() if isinstance(v, np.ndarray)]
+    folders = {k: Path(out_dir) if out_dir is not None else out.parent / f"{out.stem}_{k}s" for k in arrays}
+    targets = {k: artifact_paths(files, folders[k]) for k in arrays}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for f, c, p in zip(files, classes.tolist(), probabilities.tolist()):
-        writer.writerow([str(f), names[c], f"{p:.6f}"])
+    writer.writerow(["path", *(f"{k}_path" if k in arrays else k for k in records[0])])
+    for i, (f, record) in enumerate(zip(files, records)):
+        row = [str(f)]
+        for k, v in record.items():
+            if k in arrays:
+                targets[k][i].parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(v).save(targets[k][i])
+                row.append(str(targets[k][i]))
+            else:
+                row.append(f"{v:.6f}" if isinstance(v, float) else v)
+        writer.writerow(row)
     return buffer.getvalue()
 
 
-def predict_checkpoint(ckpt: str | Path, images: str | Path, out: str | Path, batch_size: int = 64) -> Path:
+def predict_checkpoint(
+    ckpt: str | Path, images: str | Path, out: str | Path, batch_size: int = 64, out_dir: str | Path | None = None
+) -> Path:
     """Predict every image of ``images`` with the model of ``ckpt`` (a checkpoint file or an export folder); write
-    ``out`` (CSV, atomically).
+    ``out`` (CSV, atomically) and, for a segmentation model, one mask PNG per image under ``out_dir`` (default:
+    ``<csv stem>_masks/`` beside the CSV).
 
     Raises:
         FileNotFoundError: no checkpoint, an export folder without a manifest, or no images.
@@ -114,8 +154,8 @@ def predict_checkpoint(ckpt: str | Path, images: str | Path, out: str | Path, ba
     """
     files = find_images(images)
     model, task, data_config, names = load_predictor(ckpt)
-    classes, probabilities = predict_files(model, task, data_config, files, batch_size)
-    return atomic_write_text(out, predictions_csv(files, classes, probabilities, names))
+    records = predict_files(model, task, data_config, files, names, batch_size)
+    return atomic_write_text(out, predictions_csv(files, records, Path(out), out_dir))
 
 
 def load_predictor(ckpt: str | Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], Task, DataConfig, list[str]]:

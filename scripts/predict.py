@@ -5,10 +5,15 @@ Usage::
     python scripts/predict.py ckpt=outputs/runs/<run>/checkpoints/best.ckpt images=path/to/folder
     python scripts/predict.py ckpt=... 'images=photos/*.png' out=preds.csv batch_size=32
     python scripts/predict.py ckpt=outputs/runs/<run>/exports/onnx images=path/to/folder   # an export folder
+    python scripts/predict.py ckpt=<segmentation run>/checkpoints/best.ckpt images=tiles/ out_dir=masks/
 
 Writes ``predictions.csv`` (``path, class, probability``; default: next to the run folder's ``checkpoints/``, or
 ``predictions-<export>.csv`` beside an export folder) atomically. No dataset is needed: the checkpoint (or the
 export's ``manifest.json``, see ``scripts/export.py``) holds the class names and the preprocessing.
+
+What a row holds is the task's prediction record. A segmentation model writes one mask PNG per image (class ids as
+``uint8``, at the image's original size, sub-folders of ``images`` kept) into ``out_dir`` (default:
+``<csv stem>_masks/`` beside the CSV) and the CSV lists ``path, mask_path``.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ from dgkit.predict import predict_checkpoint  # noqa: E402
 
 USAGE = (
     "usage: python scripts/predict.py ckpt=CHECKPOINT_OR_EXPORT_FOLDER images=DIR_OR_GLOB [out=predictions.csv] "
-    "[batch_size=64]"
+    "[batch_size=64] [out_dir=MASK_FOLDER]"
 )
-KEYS = ("ckpt", "images", "out", "batch_size")
+KEYS = ("ckpt", "images", "out", "batch_size", "out_dir")
 
 
 def default_out(ckpt: Path) -> Path:
@@ -47,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.get("out") or default_out(Path(args["ckpt"])))
     try:
-        path = predict_checkpoint(args["ckpt"], args["images"], out, int(args.get("batch_size", 64)))
+        path = predict_checkpoint(
+            args["ckpt"], args["images"], out, int(args.get("batch_size", 64)), out_dir=args.get("out_dir")
+        )
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

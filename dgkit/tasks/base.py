@@ -8,7 +8,8 @@ objective (ERM, DANN, sharpness...) is written once for every task, and evaluati
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -58,6 +59,20 @@ class Task:
 
     def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
         """Outputs to per-class probabilities (for ``predict.py``'s confidence column)."""
+        raise NotImplementedError
+
+    def prediction_records(
+        self, outputs: torch.Tensor, sizes: Sequence[tuple[int, int]], classes: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        """One prediction record per image of a batch, for ``predict.py`` (:mod:`dgkit.predict`): an ordered
+        ``{column: value}``. A value is a string or a number (a CSV cell; floats written with 6 decimals) or a
+        ``uint8`` array, an image that ``predict.py`` writes as a PNG file and lists in column ``<column>_path``.
+
+        Args:
+            outputs: the model's outputs on the batch (those of :meth:`predict`).
+            sizes: each image's original ``(H, W)``, before preprocessing resized it to the model's input.
+            classes: the class names.
+        """
         raise NotImplementedError
 
     def update_metric(self, metric: Metric, outputs: torch.Tensor, targets: torch.Tensor) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,3 +48,11 @@ class Classification(Task):
     def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
         """Softmax over classes ``(B, C)``."""
         return outputs.softmax(-1)
+
+    def prediction_records(
+        self, outputs: torch.Tensor, sizes: Sequence[tuple[int, int]], classes: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        """``{"class": name, "probability": p}`` per image: the argmax class and its softmax probability."""
+        predicted = self.predict(outputs)  # (B,)
+        probability = self.probabilities(outputs).gather(-1, predicted[:, None])[:, 0]
+        return [{"class": classes[c], "probability": p} for c, p in zip(predicted.tolist(), probability.tolist())]

@@ -14,6 +14,9 @@ read from the same matrix.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -179,6 +182,26 @@ class Segmentation(Task):
     def probabilities(self, outputs: torch.Tensor) -> torch.Tensor:
         """Softmax over classes, per pixel ``(B, K, H, W)``."""
         return outputs.softmax(1)
+
+    def prediction_records(
+        self, outputs: torch.Tensor, sizes: Sequence[tuple[int, int]], classes: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        """``{"mask": class ids (H, W) uint8}`` per image, at the image's original size: the logits are resized
+        bilinearly to ``(H, W)`` (as evaluation resizes them to a target's size), then the argmax class of every
+        pixel is taken. ``predict.py`` writes each mask as a PNG and lists it as ``mask_path``.
+
+        Raises:
+            ValueError: more than 255 classes (the ids would not fit a ``uint8`` mask beside 255 = ignore).
+        """
+        if outputs.shape[1] > IGNORE:
+            raise ValueError(f"{outputs.shape[1]} classes: uint8 masks hold class ids 0..{IGNORE - 1}")
+        records = []
+        for logits, size in zip(outputs, sizes):  # (K, h, w), (H, W)
+            logits = logits[None].float()
+            if tuple(logits.shape[-2:]) != tuple(size):
+                logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+            records.append({"mask": self.predict(logits)[0].to(torch.uint8).cpu().numpy()})
+        return records
 
     def update_metric(self, metric: Metric, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         """Accumulate the predicted label maps (at the targets' size) into ``metric``."""
