@@ -121,3 +121,61 @@ class RandomStateInCheckpoint(pl.Callback):
         np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
         version, internal, gauss = state["python"]
         random.setstate((version, tuple(internal), gauss))
+
+
+class FastPaths(pl.Callback):
+    """``trainer.compile`` and ``trainer.channels_last``: speed options that do not change what is learned.
+
+    - ``compile``: the backbone's ``__call__`` is compiled with ``torch.compile`` (``nn.Module.compile``, in place:
+      parameter names and checkpoints are unchanged) for the fit, and uncompiled when it ends, so
+      :meth:`~dgkit.methods.base.Method.to_inference` copies a plain module. Objectives that back-propagate
+      through a gradient (UDIM, ITTA: double backward) are refused: compiled graphs have no double backward.
+    - ``channels_last``: the whole module, and every 4-D image batch entering the backbone (a forward pre-hook,
+      removed when the fit ends), in ``torch.channels_last`` memory format, the format cuDNN's and oneDNN's
+      fastest convolutions use. Values and shapes are unchanged. Only CNNs gain; a ViT's only 4-D weight is its
+      patch embedding. (A hook, not ``on_after_batch_transfer``: the DataModule may own that hook.)
+    """
+
+    def __init__(self, compile: bool = False, channels_last: bool = False) -> None:  # noqa: A002 (the config key)
+        self.compile = bool(compile)
+        self.channels_last = bool(channels_last)
+        self._hook: Any = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Convert the module and compile the backbone before the first step."""
+        if stage != "fit":
+            return
+        if self.channels_last:
+            pl_module.to(memory_format=torch.channels_last)
+            self._hook = pl_module.backbone.register_forward_pre_hook(lambda _, args: to_channels_last(args))
+        if self.compile:
+            if getattr(pl_module, "double_backward", False):
+                raise ValueError(
+                    f"trainer.compile=true: {type(pl_module).__name__} back-propagates through a gradient "
+                    "(double backward), which torch.compile does not support; drop trainer.compile"
+                )
+            pl_module.backbone.compile()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Uncompile the backbone (``nn.Module.compile`` keeps the compiled call in ``_compiled_call_impl``) and
+        remove the channels_last input hook (parameters stay in channels_last: same values)."""
+        if stage != "fit":
+            return
+        if self.compile:
+            pl_module.backbone._compiled_call_impl = None
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+def to_channels_last(batch: Any) -> Any:
+    """``batch`` (tensors in dicts, lists, tuples) with its 4-D floating-point tensors in channels_last format."""
+    if isinstance(batch, torch.Tensor):
+        image = batch.ndim == 4 and batch.is_floating_point()
+        return batch.contiguous(memory_format=torch.channels_last) if image else batch
+    if isinstance(batch, dict):
+        return {k: to_channels_last(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        items = [to_channels_last(v) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from dgkit.callbacks import ConfigInCheckpoint, EvaluateAtLastStep, RandomStateInCheckpoint, ResultsWriter
+from dgkit.callbacks import ConfigInCheckpoint, EvaluateAtLastStep, FastPaths, RandomStateInCheckpoint, ResultsWriter
 from dgkit.chain import TransformContext, apply_chain, chain_configs, replay_chain
 from dgkit.data.style import BatchStylesStandardization
 from dgkit.errors import root_cause
@@ -204,6 +204,9 @@ def _count_steps_done(logger: Any) -> None:
     logger.log_metrics = _StepsDone(logger.log_metrics)
 
 
+DGKIT_TRAINER_KEYS = ("compile", "channels_last")  # trainer.* keys dgkit consumes (FastPaths), not Lightning
+
+
 def build_trainer(cfg: DictConfig, out: Path, resolved: dict[str, Any], method: Method) -> pl.Trainer:
     """The Lightning trainer: best checkpoint by training-domain validation, last checkpoint to resume from,
     the results writer, an evaluation at the last step, and the config and metadata in every checkpoint."""
@@ -230,6 +233,10 @@ def build_trainer(cfg: DictConfig, out: Path, resolved: dict[str, Any], method: 
         ConfigInCheckpoint(resolved),
     ]
     callbacks.append(EvaluationLog())
+    trainer_cfg = OmegaConf.masked_copy(cfg.trainer, [k for k in cfg.trainer if k not in DGKIT_TRAINER_KEYS])
+    fast = {k: bool(cfg.trainer.get(k, False)) for k in DGKIT_TRAINER_KEYS}
+    if any(fast.values()):
+        callbacks.append(FastPaths(**fast))
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar(leave=True))
     quiet_lightning()
@@ -237,7 +244,7 @@ def build_trainer(cfg: DictConfig, out: Path, resolved: dict[str, Any], method: 
     logger = instantiate(logger_cfg) if logger_cfg and logger_cfg.get("_target_") else False
     if logger:
         _count_steps_done(logger)
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out))
+    return instantiate(trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=str(out))
 
 
 __all__ = [

@@ -77,6 +77,7 @@ class Method(pl.LightningModule):
     train_views: ClassVar[int] = 1
     exports_backbone: ClassVar[bool] = False
     per_image_mechanism: ClassVar[str | None] = None
+    double_backward: ClassVar[bool] = False  # back-propagates through a gradient of the backbone (no torch.compile)
 
     def __init__(
         self,

@@ -17,6 +17,7 @@ MixStyle and ``f_w`` are hand-written (a few lines each; the official code is Do
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -82,6 +83,8 @@ class ITTA(Method):
     """
 
     per_image_mechanism = "its consistency loss and learned mapping act on pooled per-image features"
+
+    double_backward: ClassVar[bool] = True  # torch.compile cannot run it (trainer.compile is refused)
 
     def __init__(
         self,

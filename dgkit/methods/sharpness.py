@@ -15,6 +15,12 @@ UDIM (:mod:`dgkit.methods.udim`) and any other two-pass objective:
 - normalisation layers' running statistics are frozen in the second pass (``momentum = 0``, and
   ``num_batches_tracked`` restored), so only the first forward of a step updates them, as in ERM.
 
+Mixed precision (``trainer.precision=bf16-mixed|16-mixed``): every backward goes through Lightning's
+``manual_backward``, so under ``16-mixed`` both passes' gradients carry the grad scaler's factor; ε is invariant
+to it (``g / ||g||``), and the one ``opt.step()`` per batch unscales, steps and updates the scaler once. A
+non-finite first-pass gradient gives a NaN ε: θ is restored by copy, the second gradient is non-finite and the
+scaler skips the step and lowers its scale (tests/test_fast_paths.py).
+
 "SAM" means Segment Anything in dgkit; the objective is therefore called ``sharpness``.
 """
 

@@ -53,6 +53,7 @@ Choices where the notes or the official code are ambiguous (or buggy):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +141,8 @@ class UDIM(Sharpness):
     """
 
     per_image_mechanism = "its perturbation follows per-sample head gradients of pooled per-image features"
+
+    double_backward: ClassVar[bool] = True  # torch.compile cannot run it (trainer.compile is refused)
 
     def __init__(
         self,
