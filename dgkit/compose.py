@@ -233,7 +233,9 @@ def build_trainer(cfg: DictConfig, out: Path, resolved: dict[str, Any], method: 
         ConfigInCheckpoint(resolved),
     ]
     callbacks.append(EvaluationLog())
-    trainer_cfg = OmegaConf.masked_copy(cfg.trainer, [k for k in cfg.trainer if k not in DGKIT_TRAINER_KEYS])
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)  # resolved in place: interpolations may
+    for key in DGKIT_TRAINER_KEYS:  # point outside the trainer node
+        trainer_cfg.pop(key, None)
     fast = {k: bool(cfg.trainer.get(k, False)) for k in DGKIT_TRAINER_KEYS}
     if any(fast.values()):
         callbacks.append(FastPaths(**fast))
