@@ -80,3 +80,18 @@ def folder_run_cfg(tmp_path: Path, root: Path, *extra: str) -> DictConfig:
         *extra,
     ]  # fmt: skip
     return compose_cfg(overrides, tmp_path / "run")
+
+
+def tiny_seg_cfg(tmp_path: Path) -> DictConfig:
+    """A two-step segmentation run on a 16 px, 3-domain folder tree (``tests/test_seg_data.write_seg_tree``),
+    writing to ``tmp_path/run``."""
+    from tests.test_seg_data import write_seg_tree
+
+    root = write_seg_tree(tmp_path / "maps", n=6, size=16)
+    overrides = [
+        "+exp=hist_maps_erm", "data=seg_folder", f"data.root={root}", "data.num_classes=2", "data.test_domains=[c]",
+        "data.image_size=16", "data.batch_size=2", "data.num_workers=0", "data.holdout_fraction=0.34",
+        "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
+        "trainer.accelerator=cpu", "logger=none", "print_summary=false",
+    ]  # fmt: skip
+    return compose_cfg(overrides, tmp_path / "run")

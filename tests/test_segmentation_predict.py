@@ -17,21 +17,14 @@ from dgkit.checkpoint import load_checkpoint
 from dgkit.data.transforms import build_transform
 from dgkit.predict import data_config_from_meta
 from dgkit.run import train
-from tests.conftest import ROOT, compose_cfg
-from tests.test_seg_data import write_seg_tree
+from tests.conftest import ROOT, tiny_seg_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_predict_writes_argmax_masks_at_the_original_size(tmp_path):
-    root = write_seg_tree(tmp_path / "maps", n=6, size=16)
-    overrides = [
-        "+exp=hist_maps_erm", "data=seg_folder", f"data.root={root}", "data.num_classes=2", "data.test_domains=[c]",
-        "data.image_size=16", "data.batch_size=2", "data.num_workers=0", "data.holdout_fraction=0.34",
-        "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
-        "trainer.accelerator=cpu", "logger=none", "print_summary=false",
-    ]  # fmt: skip
-    train(compose_cfg(overrides, tmp_path / "run"))
+    train(tiny_seg_cfg(tmp_path))
+    root = tmp_path / "maps"  # the tree tiny_seg_cfg wrote
     images = tmp_path / "images"
     (images / "sub").mkdir(parents=True)
     for i in range(3):  # at the model's input size

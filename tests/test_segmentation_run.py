@@ -9,21 +9,14 @@ import pytest
 
 from dgkit.run import train
 from dgkit.utils.io import read_jsonl
-from tests.conftest import ROOT, compose_cfg
+from tests.conftest import ROOT, compose_cfg, tiny_seg_cfg
 from tests.test_seg_data import write_seg_tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tiny_segmentation_run_records_miou_and_collects(tmp_path, capsys):
-    root = write_seg_tree(tmp_path / "maps", n=6, size=16)
-    overrides = [
-        "+exp=hist_maps_erm", "data=seg_folder", f"data.root={root}", "data.num_classes=2", "data.test_domains=[c]",
-        "data.image_size=16", "data.batch_size=2", "data.num_workers=0", "data.holdout_fraction=0.34",
-        "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
-        "trainer.accelerator=cpu", "logger=none", "print_summary=false",
-    ]  # fmt: skip
-    train(compose_cfg(overrides, tmp_path / "run"))
+    train(tiny_seg_cfg(tmp_path))
     records = read_jsonl(tmp_path / "run" / "results.jsonl")
     keys = {k for r in records for k in r if k.startswith("miou/")}
     assert keys >= {f"miou/{d}/{s}" for d in "abc" for s in ("in", "out")}
