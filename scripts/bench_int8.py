@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from torch import nn
 
 from dgkit.chain import TransformContext
 from dgkit.compress.int8 import Int8Quantize
+from dgkit.export.bench import interleaved_ms
 from dgkit.export.onnx import float_graph
 from dgkit.export.qdq import quantize_qdq
 
@@ -85,19 +84,6 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def timings(runners: dict, runs: int) -> dict[str, tuple[float, float]]:
-    """``{variant: (median CPU ms, median wall ms)}``, variants interleaved run by run."""
-    cpu, wall = {k: [] for k in runners}, {k: [] for k in runners}
-    for i in range(runs + 5):
-        for key, run in runners.items():
-            c, w = time.process_time(), time.perf_counter()
-            run()
-            if i >= 5:
-                cpu[key].append(1e3 * (time.process_time() - c))
-                wall[key].append(1e3 * (time.perf_counter() - w))
-    return {k: (statistics.median(cpu[k]), statistics.median(wall[k])) for k in runners}
-
-
 def bench(name: str, runs: int, images: int, tmp: Path) -> None:
     model, x = build(name, images)
     quantised = copy.deepcopy(model)
@@ -109,8 +95,9 @@ def bench(name: str, runs: int, images: int, tmp: Path) -> None:
     one = x[:1]
     with torch.no_grad():
         eager, fake = model(x).numpy(), quantised(x).numpy()
-        results = timings({"eager fp32": lambda: model(one), "ORT fp32": lambda: s32.run(None, {"input": one.numpy()}),
-                           "ORT int8 QDQ": lambda: s8.run(None, {"input": one.numpy()})}, runs)  # fmt: skip
+        runners = {"eager fp32": model, "ORT fp32": lambda v: s32.run(None, {"input": v.numpy()}),
+                   "ORT int8 QDQ": lambda v: s8.run(None, {"input": v.numpy()})}  # fmt: skip
+        results = interleaved_ms(runners, one, runs=runs, warmup=5)
     out32, out8 = s32.run(None, {"input": x.numpy()})[0], s8.run(None, {"input": x.numpy()})[0]
 
     def rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -118,8 +105,8 @@ def bench(name: str, runs: int, images: int, tmp: Path) -> None:
 
     print(f"\n{name} ({tuple(x.shape[1:])}, {record['state']['report']['layers']} int8 layers, "
           f"{record['state']['report']['folded_batchnorms']} BNs folded; {runs} runs, 1 thread)")  # fmt: skip
-    for key, (c, w) in results.items():
-        print(f"  {key:13s} CPU {c:7.2f} ms   wall {w:7.2f} ms")
+    for key, t in results.items():
+        print(f"  {key:13s} CPU {t['cpu_ms']:7.2f} ms   wall {t['wall_ms']:7.2f} ms")
     sizes = {p.stem: p.stat().st_size / 2**20 for p in (fp32, tmp / f"{name}_int8.onnx")}
     print(f"  files: {', '.join(f'{k} {v:.2f} MB' for k, v in sizes.items())}")
     print(f"  ORT fp32 vs eager: max |diff| {np.abs(out32 - eager).max():.2g}")

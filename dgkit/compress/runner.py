@@ -14,14 +14,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from dgkit.checkpoint import load_checkpoint_and_data, save_model_checkpoint
 from dgkit.compose import apply_after_fit
 from dgkit.search import without_search
-from dgkit.utils.io import atomic_write_json
+from dgkit.utils.io import atomic_write_json, jsonable
 from dgkit.variants import evaluate_domains, run_folder_of, write_variant
 
 log = logging.getLogger(__name__)
@@ -46,17 +45,6 @@ def variant_label(name: str, record: dict[str, Any]) -> str:
     if (((record.get("state") or {}).get("calibration")) or {}).get("allow_target"):
         label += "[target-calib]"
     return label
-
-
-def jsonable(value: Any, max_items: int = 64) -> Any:
-    """``value`` with tensors made JSON-able (small ones as lists, large ones as a shape note)."""
-    if isinstance(value, torch.Tensor):
-        return value.tolist() if value.numel() <= max_items else f"tensor{tuple(value.shape)}"
-    if isinstance(value, dict):
-        return {str(k): jsonable(v, max_items) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v, max_items) for v in value]
-    return value
 
 
 def compress_checkpoint(
@@ -96,8 +84,8 @@ def compress_checkpoint(
     report = {
         "name": name,
         "config": config,
-        "report": jsonable(state.get("report", {})),
-        "calibration": jsonable(state.get("calibration")),
+        "report": jsonable(state.get("report", {}), max_items=64),
+        "calibration": jsonable(state.get("calibration"), max_items=64),
         "before": before,
         "checkpoint": str(checkpoint),
     }

@@ -18,11 +18,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from dgkit.backbones.base import DataConfig
-from dgkit.utils.io import atomic_write_json
+from dgkit.utils.io import atomic_write_json, jsonable
 
 FORMAT = "dgkit-export"
 FORMAT_VERSION = 1
@@ -56,22 +53,6 @@ def git_hash() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` as plain JSON: tensors and arrays become ``{"tensor": {"shape", "dtype"}}``, tuples lists, other
-    objects their ``str``."""
-    if isinstance(value, torch.Tensor | np.ndarray | np.generic):
-        if value.ndim == 0:
-            return value.item()
-        return {"tensor": {"shape": list(value.shape), "dtype": str(value.dtype)}}
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
 
 
 def chain_summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -14,6 +14,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 
 @cache
 def _file_mode() -> int:
@@ -64,3 +67,19 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
     """Rewrite a JSON-lines file atomically with ``records``."""
     return atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def jsonable(value: Any, max_items: int = 0) -> Any:
+    """``value`` as plain JSON: tensors and arrays with at most ``max_items`` elements become lists, larger ones
+    ``{"tensor": {"shape", "dtype"}}``, 0-d ones numbers; tuples become lists, other objects their ``str``."""
+    if isinstance(value, torch.Tensor | np.ndarray | np.generic):
+        if value.ndim == 0 or 0 < int(np.prod(value.shape)) <= max_items:
+            return value.tolist()
+        return {"tensor": {"shape": list(value.shape), "dtype": str(value.dtype)}}
+    if isinstance(value, dict):
+        return {str(k): jsonable(v, max_items) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v, max_items) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
