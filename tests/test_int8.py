@@ -1,5 +1,5 @@
 """Int8 static quantisation: ORT's formulas in PyTorch, the fake-quant layer, source-only calibration, BatchNorm
-folding, data-free replay, and the ORT QDQ model against the PyTorch reference."""
+folding and data-free replay (the ORT QDQ model against the PyTorch reference: ``tests/test_int8_qdq.py``)."""
 
 from __future__ import annotations
 
