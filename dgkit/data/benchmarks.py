@@ -9,6 +9,7 @@ from dgkit.data.benchmark import ArrayDataset, Benchmark, MaskArrayDataset
 from dgkit.data.embedded import digits_dg as _digits_dg
 from dgkit.data.embedded import hist_maps as _hist_maps
 from dgkit.data.embedded import rotated_digits as _rotated_digits
+from dgkit.data.embedded import sam_corpus as _sam_corpus
 from dgkit.data.embedded import synthetic as _synthetic
 from dgkit.data.embedded.cache import array_checksum
 from dgkit.data.folder import folder_benchmark
@@ -86,6 +87,21 @@ def hist_maps(
         name=variant,
         domains=list(arrays),
         classes=classes,
+        datasets={d: MaskArrayDataset(x, m) for d, (x, m) in arrays.items()},
+        fingerprint=hashlib.sha1(checksums.encode()).hexdigest()[:16],
+    )
+
+
+def sam_corpus(root: str | Path = "datasets", n_per_domain: int = 1000, seed: int = 0) -> Benchmark:
+    """A promptable-segmentation corpus for pre-training SAM (shapes with photo and procedural textures on photo
+    crops; three photo families as domains), 128 px, generated into ``root/sam_corpus``. Masks hold instance ids
+    (0 background, 1..8 objects), read by ``task=promptable`` and ``method=sam_pretrain``."""
+    arrays = _sam_corpus.load(root, n_per_domain=n_per_domain, seed=seed)
+    checksums = "".join(f"{d}:{array_checksum(x, m)};" for d, (x, m) in arrays.items())
+    return Benchmark(
+        name="sam_corpus",
+        domains=list(arrays),
+        classes=list(_sam_corpus.CLASSES),
         datasets={d: MaskArrayDataset(x, m) for d, (x, m) in arrays.items()},
         fingerprint=hashlib.sha1(checksums.encode()).hexdigest()[:16],
     )
