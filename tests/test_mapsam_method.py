@@ -5,8 +5,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torch import nn
 
-from dgkit.backbones import SAMBackbone
+from dgkit.backbones import SAMBackbone, SmallCNN
 from dgkit.methods import MapSAM
 from dgkit.search import without_search
 from dgkit.tasks import Segmentation
@@ -53,8 +54,30 @@ def test_outputs_are_two_class_logits_at_the_input_size(flags):
         torch.testing.assert_close(merged(x), method(x), atol=1e-4, rtol=1e-4)
 
 
+def test_frozen_decoder_variant_with_a_frozen_encoder_trains_only_spgen():
+    cfg = OmegaConf.load("conf/backbone/sam_tiny.yaml")
+    args = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("_target_", "img_size")}
+    backbone = SAMBackbone(img_size=64, **{**args, "prompt_decoder": True, "multimask_outputs": 0})
+    instantiate(OmegaConf.load("conf/adapter/freeze.yaml")).apply(backbone)
+    method = MapSAM(backbone, 2, ["a", "b"], ["b"], task=Segmentation(), variant="frozen_decoder")
+    assert {n.split(".")[0] for n, p in method.named_parameters() if p.requires_grad} == {"spgen"}
+    decoder_only = _setup()  # the default variant: the decoder trains whatever the adapter froze
+    assert any(p.requires_grad for p in decoder_only.backbone.mask_decoder.parameters())
+    with pytest.raises(ValueError, match="method.variant='zero'.*'trained_decoder', 'frozen_decoder'"):
+        MapSAM(backbone, 2, ["a", "b"], ["b"], task=Segmentation(), variant="zero")
+
+
 def test_wrong_setups_are_refused():
+    sam = SAMBackbone(img_size=64, embed_dim=32, depth=1, num_heads=2, global_attn_indexes=[0])
+    assert not sam.prompt_decoder and not SmallCNN().prompt_decoder  # declared, never probed
     with pytest.raises(ValueError, match="num_classes=2"):
-        MapSAM(SAMBackbone(img_size=64, embed_dim=32, depth=1, num_heads=2, global_attn_indexes=[0]), 3, ["a"], [])
-    with pytest.raises(ValueError, match="prompt_decoder=true"):
-        MapSAM(SAMBackbone(img_size=64, embed_dim=32, depth=1, num_heads=2, global_attn_indexes=[0]), 2, ["a"], [])
+        MapSAM(sam, 3, ["a"], [])
+    fix = r"backbone=sam_tiny\|sam_vit_b\|sam_vit_l\|sam_vit_h backbone.prompt_decoder=true"
+    with pytest.raises(ValueError, match=f"SAMBackbone here has none: use {fix}"):
+        MapSAM(sam, 2, ["a"], [])
+    with pytest.raises(ValueError, match=f"SmallCNN here has none: use {fix}"):
+        MapSAM(SmallCNN(), 2, ["a"], [])
+    cnn = SmallCNN()
+    cnn.mask_decoder = cnn.prompt_encoder = nn.Identity()  # attributes alone do not make the capability
+    with pytest.raises(ValueError, match="prompt_decoder capability"):
+        MapSAM(cnn, 2, ["a"], [])

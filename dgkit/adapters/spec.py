@@ -5,7 +5,8 @@ applies it after the backbone (and its ``backbone.weights``) is loaded and befor
 objective sees an adapted backbone with only the adapter's parameters trainable; a checkpoint replays it (the
 structure follows from the config) before its weights are loaded.
 A spec subclass implements :meth:`Adapter.wrap` (one linear layer → its adapter wrapper); choosing layers
-(``target``, ``start_block``, ``split_qkv``, ``qkv_slices``), freezing and the summary are shared here.
+(``target``, ``start_block``, ``split_qkv``, ``qkv_slices``; never a backbone's built-in decoder), freezing and the
+summary are shared here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from dgkit.adapters.core import block_index, describe_linears, inject, mark_trainable, select_linears
 from dgkit.adapters.qkv import SLICES, split_qkv
+from dgkit.backbones.base import Backbone
 from dgkit.chain import ModelTransform, TransformContext
 
 log = logging.getLogger(__name__)
@@ -137,8 +139,18 @@ class Adapter(FullFineTuning):
             )
 
     def select(self, backbone: nn.Module) -> list[str]:
-        """The names of the linear layers to adapt: ``target`` matches at or after ``start_block``."""
+        """The names of the linear layers to adapt: ``target`` matches at or after ``start_block``, never inside a
+        built-in decoder (``Backbone.decoder_prefixes``: SAM's prompt encoder and mask decoder), whose training the
+        method that uses it decides."""
         names = select_linears(backbone, self.target)
+        decoder = backbone.decoder_prefixes if isinstance(backbone, Backbone) else ()
+        if decoder:
+            names = [n for n in names if not n.startswith(decoder)]
+            if not names:
+                raise ValueError(
+                    f"adapter target {self.target!r} matches only layers of {type(backbone).__name__}'s decoder "
+                    f"({', '.join(p.rstrip('.') for p in decoder)}), which adapters leave alone: target the encoder"
+                )
         blocks = [b for b in (block_index(n) for n in names) if b is not None]
         start = self.start_block
         if start is None:

@@ -9,7 +9,8 @@ A backbone declares what it gives by implementing the interface, never by attrib
   ``{"num_chs", "reduction", "module"}``, one entry per intermediate) saying what it gives;
 * ``stages()``: the backbone as ``stem -> stage_1 ... stage_n -> pool`` (:class:`Stages`), for methods that
   transform the features *between* stages (ITTA's MixStyle and test-time mapping), which
-  ``forward_intermediates`` cannot do. The base class raises :class:`StagesNotSupported`.
+  ``forward_intermediates`` cannot do. The base class raises :class:`StagesNotSupported`;
+* ``prompt_decoder`` (with ``decoder_prefixes``): a promptable mask decoder built in (SAM's), ``False`` by default.
 """
 
 from __future__ import annotations
@@ -96,6 +97,20 @@ class Backbone(nn.Module):
     num_features: int
     data_config: DataConfig
     feature_info: list[dict[str, Any]]
+
+    @property
+    def prompt_decoder(self) -> bool:
+        """Capability: a promptable mask decoder is built in, segment-anything's ``PromptEncoder`` and ``MaskDecoder``
+        as the ``prompt_encoder`` and ``mask_decoder`` attributes beside the image encoder (``method=mapsam`` needs
+        it). ``False`` here; :class:`~dgkit.backbones.sam.SAMBackbone` built with ``prompt_decoder=true`` says
+        ``True``."""
+        return False
+
+    @property
+    def decoder_prefixes(self) -> tuple[str, ...]:
+        """Qualified-name prefixes of the built-in decoder's modules (not the feature extractor): adapters never
+        target them, and the method that uses the decoder decides whether it trains. Empty here."""
+        return ()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled features (``(B, C, H, W)`` for CNNs, ``(B, N, C)`` tokens for ViTs)."""

@@ -150,6 +150,7 @@ class SAMBackbone(Backbone):
             global_attn_indexes=tuple(global_attn_indexes),
         )
         self.multimask_outputs = int(multimask_outputs)
+        self._prompt_decoder = bool(prompt_decoder)
         if prompt_decoder:
             self.prompt_encoder = PromptEncoder(
                 embed_dim=out_chans,
@@ -180,6 +181,16 @@ class SAMBackbone(Backbone):
             self.load_sam_weights(weights)
 
     @property
+    def prompt_decoder(self) -> bool:
+        """Whether SAM's ``prompt_encoder`` and ``mask_decoder`` are built (``prompt_decoder=true``)."""
+        return self._prompt_decoder
+
+    @property
+    def decoder_prefixes(self) -> tuple[str, ...]:
+        """``("prompt_encoder.", "mask_decoder.")`` when they are built (adapters leave them alone), else ``()``."""
+        return _DECODER_PREFIXES if self._prompt_decoder else ()
+
+    @property
     def feature_info(self) -> list[dict[str, Any]]:
         """One ``{"num_chs", "reduction", "module"}`` per encoder block (reduction = the patch size)."""
         return list(self._feature_info)
@@ -192,8 +203,7 @@ class SAMBackbone(Backbone):
         """
         sd = read_state_dict(path)
         own = self.state_dict()
-        has_decoder = any(k.startswith(_DECODER_PREFIXES) for k in own)
-        if not has_decoder:
+        if not self.prompt_decoder:
             sd = {k: v for k, v in sd.items() if not k.startswith(_DECODER_PREFIXES)}
         global_blocks = [i for i, blk in enumerate(self.image_encoder.blocks) if blk.window_size == 0]
         sd = resize_sam_state_dict(sd, own, global_blocks)

@@ -7,7 +7,8 @@ embedding as positional-semantic prompt, masked token-to-image attention in SAM'
 
 SAM's ``Sam.forward`` runs under ``no_grad``, so the encoder, prompt encoder and mask decoder are called directly,
 and the decoder once per image (it repeats the image embedding per prompt row). The backbone must be a SAM
-backbone built with ``backbone.prompt_decoder=true``. Outputs are two-class logits ``[0, mask logit]`` at the input
+backbone built with ``backbone.prompt_decoder=true`` (the backbone's ``prompt_decoder`` capability); adapters
+act on its image encoder only, and ``variant`` decides whether the prompt encoder and mask decoder train. Outputs are two-class logits ``[0, mask logit]`` at the input
 size, so the segmentation task's argmax is MapSAM's ``sigmoid > 0.5`` and its metrics apply unchanged.
 """
 
@@ -21,9 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgkit.adapters import merge
+from dgkit.backbones.base import Backbone
 from dgkit.methods.base import Method
 from dgkit.methods.mapsam_parts import SPGen, automatic_points, decode, mapsam_loss
 from dgkit.tasks import Task
+
+VARIANTS = ("trained_decoder", "frozen_decoder")
 
 
 class MapSAM(Method):
@@ -32,6 +36,9 @@ class MapSAM(Method):
     Args:
         backbone, num_classes, domains, test_domains, optimizer, scheduler, task: as :class:`Method`
             (``num_classes`` must be 2).
+        variant: ``trained_decoder`` (MapSAM: SAM's prompt encoder and mask decoder train, whatever the adapter does
+            to the encoder) or ``frozen_decoder`` (both stay as loaded; with ``adapter=freeze`` only SPGen trains:
+            the study's zero-shot arm, SAM's pretrained decoder prompted automatically).
         points: positive and negative points per image (MapSAM: 2 each).
         masked_attention: mask the decoder's token-to-image attention with the coarse / intermediate masks.
         semantic_prompt: add the mean foreground embedding to the decoder's query tokens.
@@ -48,6 +55,7 @@ class MapSAM(Method):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         task: Task | None = None,
+        variant: str = "trained_decoder",
         points: int = 2,
         masked_attention: bool = True,
         semantic_prompt: bool = True,
@@ -56,14 +64,20 @@ class MapSAM(Method):
     ) -> None:
         if num_classes != 2:
             raise ValueError(f"method=mapsam segments one foreground class (num_classes=2), got {num_classes}")
-        if not (hasattr(backbone, "mask_decoder") and hasattr(backbone, "prompt_encoder")):
+        if not (isinstance(backbone, Backbone) and backbone.prompt_decoder):
             raise ValueError(
-                "method=mapsam needs a SAM backbone with its prompt encoder and mask decoder: "
-                "backbone=sam_tiny|sam_vit_b|sam_vit_l|sam_vit_h backbone.prompt_decoder=true"
+                f"method=mapsam needs a backbone with SAM's prompt encoder and mask decoder (the prompt_decoder "
+                f"capability); {type(backbone).__name__} here has none: use backbone=sam_tiny|sam_vit_b|sam_vit_l|"
+                "sam_vit_h backbone.prompt_decoder=true"
             )
+        if variant not in VARIANTS:
+            raise ValueError(f"method.variant={variant!r}; valid: {list(VARIANTS)}")
         if points < 1 or not 0.0 <= dice_weight <= 1.0:
             raise ValueError(f"method.points={points} must be >= 1 and method.dice_weight={dice_weight} in [0, 1]")
         super().__init__(backbone, num_classes, domains, test_domains, optimizer, scheduler, task)
+        self.variant = variant
+        for prefix in backbone.decoder_prefixes:  # the decoder is this method's head: it decides what trains there
+            backbone.get_submodule(prefix.rstrip(".")).requires_grad_(variant == "trained_decoder")
         self.classifier = nn.Identity()  # the mask decoder is the head
         depth = len(backbone.feature_info)
         self.spgen_blocks = list(range(0, depth - 1, 4))  # MapSAM: blocks 0, 4, 8 of 12, plus the final embedding
