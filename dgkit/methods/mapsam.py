@@ -8,8 +8,9 @@ embedding as positional-semantic prompt, masked token-to-image attention in SAM'
 SAM's ``Sam.forward`` runs under ``no_grad``, so the encoder, prompt encoder and mask decoder are called directly,
 and the decoder once per image (it repeats the image embedding per prompt row). The backbone must be a SAM
 backbone built with ``backbone.prompt_decoder=true`` (the backbone's ``prompt_decoder`` capability); adapters
-act on its image encoder only, and ``variant`` decides whether the prompt encoder and mask decoder train. Outputs are two-class logits ``[0, mask logit]`` at the input
-size, so the segmentation task's argmax is MapSAM's ``sigmoid > 0.5`` and its metrics apply unchanged.
+act on its image encoder only, and ``variant`` decides whether the prompt encoder and mask decoder train. Outputs
+are two-class logits ``[0, mask logit]`` at the input size, so the segmentation task's argmax is MapSAM's
+``sigmoid > 0.5`` and its metrics apply unchanged.
 """
 
 from __future__ import annotations
