@@ -22,22 +22,22 @@ DOMAINS = dict(num_classes=3, domains=["a", "b", "c"], test_domains=["c"])
 
 
 class _TinyBackbone(nn.Module):
-    """Linear -> BatchNorm -> tanh on 5-d inputs: small enough for float64 autograd references."""
+    """Linear -> BatchNorm (or LayerNorm: per-sample) -> tanh on 5-d inputs: small enough for float64 references."""
 
-    def __init__(self) -> None:
+    def __init__(self, norm: str = "batch") -> None:
         super().__init__()
         self.fc = nn.Linear(5, 6)
-        self.bn = nn.BatchNorm1d(6)
+        self.bn = nn.BatchNorm1d(6) if norm == "batch" else nn.LayerNorm(6)
         self.num_features = 6
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.bn(self.fc(x)))
 
 
-def _method(cls=Sharpness, **kwargs):
+def _method(cls=Sharpness, norm: str = "batch", **kwargs):
     torch.manual_seed(0)
     sgd = partial(torch.optim.SGD, lr=1.0)
-    return cls(_TinyBackbone(), optimizer=sgd, **DOMAINS, **kwargs).double()
+    return cls(_TinyBackbone(norm), optimizer=sgd, **DOMAINS, **kwargs).double()
 
 
 def _batch(n: int = 4) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -71,6 +71,8 @@ def _sam_reference(ref: nn.Module, x: torch.Tensor, y: torch.Tensor, rho: float)
 
 def _bn_state(method: nn.Module) -> list[torch.Tensor]:
     bn = method.backbone.bn
+    if not isinstance(bn, nn.BatchNorm1d):  # LayerNorm: no running statistics
+        return []
     return [bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()]
 
 
@@ -155,7 +157,7 @@ def test_instance_gradient_matches_finite_differences_of_the_sam_surrogate():
     rho = 0.2
     method = _method(UDIM, rho=rho, warmup_steps=0)
     x, y = UDIM.concat(_batch())
-    loss, grads, x_grad = method.instance_gradient(x, y)
+    loss, grads, x_grad, _ = method.instance_gradient(x, y)
 
     def phi(xx: torch.Tensor) -> float:  # ℓ + ρ ||∇_θ ℓ||, first-order autograd only
         ell = F.cross_entropy(method(xx), y)
@@ -208,28 +210,48 @@ def _inconsistency_reference(ref: nn.Module, x, x_adv, y, sizes) -> torch.Tensor
     return total
 
 
-@pytest.mark.parametrize("lambda_inc", [0.0, 0.7])
-def test_udim_step_is_minus_sam_grad_minus_lambda_inconsistency_grad(lambda_inc):
-    rho, rho_x = 0.1, 0.5
-    kwargs = dict(rho=rho, rho_x=rho_x, lambda_inc=lambda_inc, warmup_steps=0, perturb_norm="per_sample")
-    method, batch = _method(UDIM, **kwargs), _batch()
+def _udim_reference_update(method, batch, rho, rho_x, lambda_inc, direction):
+    """``(θ, expected θ after one SGD(lr=1) UDIM step, BN state after the first forward)`` in float64, by
+    explicit copies and loops; ``direction(ref, x, y)`` gives the ascent direction of the inputs."""
     x, y = UDIM.concat(batch)
     ref = copy.deepcopy(method)
     theta = [p.detach().clone() for p in ref.parameters()]
-    x_in = x.clone().requires_grad_(True)
-    ell = F.cross_entropy(ref(x_in), y)  # the only BN running-stat update
-    g = _grads(ell, ref, create_graph=True)
-    dx = torch.autograd.grad(ell + rho * torch.sqrt(sum(gi.pow(2).sum() for gi in g)), x_in)[0]
+    dx = direction(ref, x, y)  # its train-mode forward at θ is the only BN running-stat update
     x_adv = x + rho_x * dx / dx.norm(dim=1, keepdim=True)
     bn_after_first = _bn_state(ref)
     g_sam = _sam_reference(copy.deepcopy(ref), x, y, rho)
     inc_model = copy.deepcopy(ref)
     g_inc = _grads(_inconsistency_reference(inc_model, x, x_adv, y, [4, 4]), inc_model)
+    expected = [t - gs - lambda_inc * gi for t, gs, gi in zip(theta, g_sam, g_inc)]
+    return expected, bn_after_first
+
+
+def _exact_direction(rho):
+    def direction(ref, x, y):  # ∇_x (ℓ + ρ ||∇_θ ℓ||) by double backward on the reference copy
+        x_in = x.clone().requires_grad_(True)
+        ell = F.cross_entropy(ref(x_in), y)
+        g = _grads(ell, ref, create_graph=True)
+        return torch.autograd.grad(ell + rho * torch.sqrt(sum(gi.pow(2).sum() for gi in g)), x_in)[0]
+
+    return direction
+
+
+def _assert_step(method, batch, expected, bn_after_first):
     _fit(method, batch)
-    for p, t, gs, gi in zip(method.parameters(), theta, g_sam, g_inc):
-        torch.testing.assert_close(p.detach(), t - gs - lambda_inc * gi, rtol=1e-9, atol=1e-11)
-    for a, b in zip(_bn_state(method), bn_after_first):
+    for p, e in zip(method.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-9, atol=1e-11)
+    for a, b in zip(_bn_state(method), bn_after_first, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer"])  # layer: step 4 reuses step 1's source features
+@pytest.mark.parametrize("lambda_inc", [0.0, 0.7])
+def test_udim_step_is_minus_sam_grad_minus_lambda_inconsistency_grad(lambda_inc, norm):
+    rho, rho_x = 0.1, 0.5
+    kwargs = dict(rho=rho, rho_x=rho_x, lambda_inc=lambda_inc, warmup_steps=0, perturb_norm="per_sample")
+    method, batch = _method(UDIM, norm=norm, **kwargs), _batch()
+    expected, bn = _udim_reference_update(method, batch, rho, rho_x, lambda_inc, _exact_direction(rho))
+    _assert_step(method, batch, expected, bn)
 
 
 @pytest.mark.parametrize(

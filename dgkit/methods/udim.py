@@ -16,8 +16,29 @@ after ``warmup_steps`` plain SAM steps (:class:`~dgkit.methods.sharpness.Sharpne
    gradient norm of the perturbed samples divided by the parameter's size, summed over weight and bias);
 5. ``grad = g_SAM + lambda_inc · ∇_θ inconsistency``, then one step of the configured optimiser.
 
-Cost: 3 forward passes (the third on 2B samples), 3 backward passes and 2 double backward passes (the first
-through the whole network, the second through the head only): about 2x SAM, 4x ERM.
+Cost (``input_gradient=exact``): 3 forward passes (the third on the perturbed half only when the source
+half's features are shared, see below), 3 backward passes and 2 double backward passes (the first through
+the whole network, the second through the head only). Counting passes suggests about 2x SAM; measured on the
+lite small CNN it is about 3.5x SAM, because the double backward through convolutions and GroupNorm costs
+3-4 ERM steps by itself (``scripts/bench_udim.py``, ``docs/benchmarks.md`` "UDIM's step cost").
+
+``input_gradient=finite_difference`` replaces step 1's double backward by a finite-difference Hessian-vector
+product. Since ``∇_g ||g||₂ = ĝ = g / ||g||``, ``∇_x ||g|| = ∇_x (∇_θ ℓ · ĝ) = (∂/∂r) ∇_x ℓ(θ + r ĝ)`` at
+``r = 0`` (``ĝ`` held fixed; mixed partials commute), so with a step ``r`` (``fd_step``)::
+
+    ∇_x Φ ≈ ∇_x ℓ(θ) + (ρ / r) · [∇_x ℓ(θ + r ĝ) - ∇_x ℓ(θ)]        (error O(ρ r))
+
+With ``fd_step=null`` (default), ``r = ρ`` and the formula collapses to ``∇_x ℓ(θ + ε)``, SAM's own
+perturbed loss, whose input gradient the SAM pass of step 3 yields at almost no cost: step 1 becomes a
+plain forward/backward (SAM's first pass) and the step costs about 2x SAM. This is the gradient of the
+loss that ``Φ`` approximates to first order (``ℓ(θ + ε̂) ≈ ℓ + ρ ||g||``), i.e. a different ascent
+direction from the exact step's, not a rounding of it; ``fd_step`` > 0 costs one more forward and input
+backward at ``θ + r ĝ`` and tends to the exact direction as ``r → 0``.
+
+Shared source features: when the backbone has no layer that couples samples or draws randomness in training
+mode (batch-statistics normalisation, active dropout), the source rows of step 4's features equal step 1's
+(the backbone is per-sample and deterministic, and ``θ`` is the same), so step 4 forwards only ``x̃`` and
+back-propagates the source half through step 1's graph: one forward of ``B`` samples fewer, same numbers.
 
 ``perturb_norm``:
 
@@ -60,11 +81,36 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+from torch.profiler import record_function
 
-from dgkit.methods.sharpness import GRAD_NORM_FLOOR, Batch, Sharpness, frozen_running_stats, global_norm
+from dgkit.methods.sharpness import (
+    GRAD_NORM_FLOOR,
+    Batch,
+    Sharpness,
+    frozen_running_stats,
+    global_norm,
+    sharpness_epsilon,
+)
 from dgkit.tasks import Task
 
 PERTURB_NORMS = ("per_sample", "batch_dim")
+INPUT_GRADIENTS = ("exact", "finite_difference")
+
+
+def per_sample_and_deterministic(module: nn.Module) -> bool:
+    """Whether ``module``'s outputs for a sample depend on that sample alone and on no random draw, in its
+    current mode: no batch-statistics normalisation in training mode (``_BatchNorm``) and no active dropout
+    (``torch.nn`` dropouts, timm's ``DropPath``/``DropBlock`` with a positive rate)."""
+    for m in module.modules():
+        if isinstance(m, _BatchNorm) and (m.training or not m.track_running_stats):
+            return False
+        if m.training and isinstance(m, _DropoutNd) and m.p > 0:
+            return False
+        if m.training and type(m).__name__.startswith("Drop") and float(getattr(m, "drop_prob", 0) or 0) > 0:
+            return False
+    return True
 
 
 def perturb_instances(x: torch.Tensor, direction: torch.Tensor, rho_x: float, norm: str) -> torch.Tensor:
@@ -138,6 +184,9 @@ class UDIM(Sharpness):
         warmup_steps: plain SAM steps before UDIM starts (>= 0); ``None``: ``warmup_fraction`` of ``max_steps``.
         warmup_fraction: used when ``warmup_steps`` is ``None``; in [0, 1] (official 1/5).
         per_domain_inconsistency: penalty per source domain and summed (true) or on the pooled batch (false).
+        input_gradient: ``exact`` (double backward, the official maths) or ``finite_difference`` (a
+            finite-difference Hessian-vector product: about 2x SAM's cost instead of 3.5x; module docstring).
+        fd_step: the finite-difference step ``r`` (> 0); ``None``: ``r = rho``, read off SAM's own pass.
     """
 
     per_image_mechanism = "its perturbation follows per-sample head gradients of pooled per-image features"
@@ -159,6 +208,8 @@ class UDIM(Sharpness):
         warmup_steps: int | None = None,
         warmup_fraction: float = 0.2,
         per_domain_inconsistency: bool = True,
+        input_gradient: str = "exact",
+        fd_step: float | None = None,
         task: Task | None = None,
     ) -> None:
         super().__init__(backbone, num_classes, domains, test_domains, optimizer, scheduler, rho, task=task)
@@ -172,6 +223,14 @@ class UDIM(Sharpness):
             raise ValueError(f"warmup_steps={warmup_steps}: must be >= 0 (or null to use warmup_fraction)")
         if not 0.0 <= warmup_fraction <= 1.0:
             raise ValueError(f"warmup_fraction={warmup_fraction}: must be in [0, 1] (official: 0.2)")
+        if input_gradient not in INPUT_GRADIENTS:
+            raise ValueError(f"input_gradient={input_gradient!r}; choose one of {', '.join(INPUT_GRADIENTS)}")
+        if fd_step is not None and not fd_step > 0:
+            raise ValueError(f"fd_step={fd_step}: the finite-difference step must be > 0 (or null: rho)")
+        if fd_step is not None and input_gradient != "finite_difference":
+            raise ValueError(f"fd_step={fd_step} is only used with input_gradient=finite_difference")
+        self.input_gradient = input_gradient
+        self.fd_step = None if fd_step is None else float(fd_step)
         self.rho_x = float(rho_x)
         self.lambda_inc = float(lambda_inc)
         self.perturb_norm = perturb_norm
@@ -207,14 +266,31 @@ class UDIM(Sharpness):
         opt = self.optimizers()
         x, y = self.concat(batch)  # (B, C, H, W), (B,)
         opt.zero_grad()
-        ce, grads, x_grad = self.instance_gradient(x, y)  # 1.
+        share = per_sample_and_deterministic(self.backbone)  # step 4 reuses step 1's source features
+        if self.input_gradient == "exact":
+            with record_function("udim/1_instance_gradient"):
+                ce, grads, x_grad, z_source = self.instance_gradient(x, y, keep_features=share)  # 1.
+            with record_function("udim/3_sam_gradient"):
+                sharp = self.sam_gradient(x, y, grads)  # 3. p.grad = g_SAM
+        else:
+            with record_function("udim/1_source_gradient"):
+                ce, grads, x_grad0, z_source = self.source_gradient(x, y, share, self.fd_step is not None)
+            with record_function("udim/3_sam_gradient"):
+                x_sam = x.detach().requires_grad_(True)
+                sharp = self.sam_gradient(x_sam, y, grads)  # 3. p.grad = g_SAM, x_sam.grad = ∇_x ℓ(θ + ε)
+            if self.fd_step is None:  # r = ρ: ∇_x ℓ(θ) + (ρ / ρ) (∇_x ℓ(θ + ε) - ∇_x ℓ(θ))
+                x_grad = x_sam.grad
+            else:
+                with record_function("udim/1_fd_input_gradient"):
+                    x_step = self.input_gradient_at(x, y, grads, self.fd_step)
+                x_grad = x_grad0 + (self.rho / self.fd_step) * (x_step - x_grad0)
         x_adv = perturb_instances(x, x_grad, self.rho_x, self.perturb_norm)  # 2. (B, C, H, W)
-        sharp = self.sharpness_backward(x, y, grads)  # 3. p.grad = g_SAM
         sizes = [len(b[1]) for b in batch.values()] if self.per_domain_inconsistency else [len(y)]
-        penalty_var, penalty_norm = self.inconsistency(x, x_adv, y, sizes)  # 4.
-        inconsistency = penalty_var + penalty_norm
-        self.manual_backward(self.lambda_inc * inconsistency)  # 5. accumulates onto g_SAM
-        opt.step()
+        with record_function("udim/4_inconsistency"):
+            penalty_var, penalty_norm = self.inconsistency(x, x_adv, y, sizes, z_source)  # 4.
+            inconsistency = penalty_var + penalty_norm
+            self.manual_backward(self.lambda_inc * inconsistency, inputs=self.trainable_parameters())  # 5.
+        opt.step()  # p.grad = g_SAM + λ ∇_θ inconsistency
         self.step_scheduler()
         losses = {
             "loss": sharp + self.lambda_inc * inconsistency.detach(), "ce": ce, "sharp": sharp,
@@ -225,23 +301,86 @@ class UDIM(Sharpness):
         return None
 
     def instance_gradient(
-        self, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor]:
-        """Step 1: ``(ℓ, ∇_θ ℓ, ∇_x (ℓ + ρ ||∇_θ ℓ||₂))`` at the current parameters, all detached.
+        self, x: torch.Tensor, y: torch.Tensor, keep_features: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor, torch.Tensor | None]:
+        """Step 1: ``(ℓ, ∇_θ ℓ, ∇_x (ℓ + ρ ||∇_θ ℓ||₂), z)`` at the current parameters (the first three detached).
 
-        This forward is the step's only update of BN running statistics (as in ERM and SAM).
+        This forward is the step's only update of BN running statistics (as in ERM and SAM). With
+        ``keep_features`` its graph is kept and ``z`` is the features of ``x`` (differentiable with respect to
+        ``θ``) for step 4; otherwise ``z`` is ``None``.
         """
         params = self.trainable_parameters()
         x_in = x.detach().requires_grad_(True)
         with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no double backward
-            loss = self.task.loss(self(x_in), y)
+            z = self.task.features(self.backbone, x_in)
+            loss = self.task.loss(self.classifier(z), y)
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         phi = loss + self.rho * global_norm(grads)
-        (x_grad,) = torch.autograd.grad(phi, x_in)  # (B, C, H, W)
-        return loss.detach(), [None if g is None else g.detach() for g in grads], x_grad
+        (x_grad,) = torch.autograd.grad(phi, x_in, retain_graph=keep_features)  # (B, C, H, W)
+        grads = [None if g is None else g.detach() for g in grads]
+        return loss.detach(), grads, x_grad, z if keep_features else None
+
+    def source_gradient(
+        self, x: torch.Tensor, y: torch.Tensor, keep_features: bool = False, input_grad: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor | None, torch.Tensor | None]:
+        """Step 1 of ``input_gradient=finite_difference``: ``(ℓ, ∇_θ ℓ, ∇_x ℓ or None, z or None)`` at ``θ``.
+
+        One forward and one first-order backward (SAM's first pass); the step's only BN running-statistics
+        update. ``input_grad``: also ``∇_x ℓ(θ)`` (needed when ``fd_step`` is not ρ); ``keep_features``: keep
+        the graph and return the features of ``x`` for step 4.
+        """
+        params = self.trainable_parameters()
+        x_in = x.detach().requires_grad_(input_grad)
+        z = self.task.features(self.backbone, x_in)
+        loss = self.task.loss(self.classifier(z), y)
+        grads = torch.autograd.grad(loss, [*params, x_in] if input_grad else params, retain_graph=keep_features,
+                                    allow_unused=True)  # fmt: skip
+        x_grad = grads[-1] if input_grad else None
+        grads = list(grads[: len(params)])
+        return loss.detach(), grads, x_grad, z if keep_features else None
+
+    def input_gradient_at(
+        self, x: torch.Tensor, y: torch.Tensor, grads: Sequence[torch.Tensor | None], step: float
+    ) -> torch.Tensor:
+        """``∇_x ℓ(θ + step · ĝ)``, ``ĝ = g / ||g||`` from ``grads`` (BN running statistics frozen)."""
+        x_in = x.detach().requires_grad_(True)
+        with frozen_running_stats(self):
+            loss = self.loss_at(x_in, y, sharpness_epsilon(grads, step))
+        (x_grad,) = torch.autograd.grad(loss, x_in)
+        return x_grad
+
+    def sam_gradient(self, x: torch.Tensor, y: torch.Tensor, grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Step 3: set ``p.grad`` to ``∇_θ CE(θ + ε)`` (``ε`` from ``grads``, BN running statistics frozen) and
+        return ``CE(θ + ε)``; if ``x`` requires grad, ``x.grad`` receives ``∇_x CE(θ + ε)``.
+
+        :meth:`~dgkit.methods.sharpness.Sharpness.sharpness_backward`'s maths, but ``θ + ε`` is built out of
+        place (:meth:`loss_at`) instead of moving ``θ`` in place and back: step 1's graph, which step 4
+        back-propagates when the source features are shared, stays valid (an in-place move bumps the
+        parameters' version counters).
+        """
+        epsilon = sharpness_epsilon(grads, self.rho)  # before clearing .grad: `grads` may alias it
+        for p in self.trainable_parameters():
+            p.grad = None
+        with frozen_running_stats(self):
+            loss = self.loss_at(x, y, epsilon)
+            self.manual_backward(loss)
+        return loss.detach()
+
+    def loss_at(self, x: torch.Tensor, y: torch.Tensor, epsilon: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """The task loss at ``θ + ε`` (``ε`` aligned with :meth:`trainable_parameters`, ``None``: not moved),
+        through ``torch.func.functional_call``: differentiable with respect to ``θ`` and ``x``, ``θ`` untouched."""
+        names = [name for name, p in self.named_parameters() if p.requires_grad]
+        params = self.trainable_parameters()
+        moved = {n: p if e is None else p + e for n, p, e in zip(names, params, epsilon, strict=True)}
+        return self.task.loss(functional_call(self, moved, (x,)), y)
 
     def inconsistency(
-        self, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, sizes: Sequence[int]
+        self,
+        x: torch.Tensor,
+        x_adv: torch.Tensor,
+        y: torch.Tensor,
+        sizes: Sequence[int],
+        z_source: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Step 4: ``(penalty_var, penalty_norm)`` summed over the chunks of ``sizes`` rows (source domains).
 
@@ -250,9 +389,15 @@ class UDIM(Sharpness):
             x_adv: their perturbed copies ``(B, ...)``.
             y: labels ``(B,)``.
             sizes: rows per chunk, summing to ``B`` (one chunk per source domain, or ``[B]``).
+            z_source: the features of ``x`` at ``θ`` from an earlier forward, when they equal those of ``x`` in
+                the batch ``cat(x, x_adv)`` (see :func:`per_sample_and_deterministic`): only ``x_adv`` is then
+                forwarded. ``None``: one forward of ``cat(x, x_adv)``.
         """
         with frozen_running_stats(self):
-            z = self.backbone(torch.cat([x, x_adv]))  # (2B, D)
+            if z_source is None:
+                z = self.task.features(self.backbone, torch.cat([x, x_adv]))  # (2B, D)
+            else:
+                z = torch.cat([z_source, self.task.features(self.backbone, x_adv)])  # (2B, D)
         grads = per_sample_head_grads(self.classifier, z, torch.cat([y, y]))  # {name: (2B, *shape)}
         total_var, total_norm = z.new_zeros(()), z.new_zeros(())
         start, n = 0, len(y)
