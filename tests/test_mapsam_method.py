@@ -81,3 +81,88 @@ def test_wrong_setups_are_refused():
     cnn.mask_decoder = cnn.prompt_encoder = nn.Identity()  # attributes alone do not make the capability
     with pytest.raises(ValueError, match="prompt_decoder capability"):
         MapSAM(cnn, 2, ["a"], [])
+
+
+@pytest.mark.parametrize("double_softmax", [False, True])
+def test_one_decoder_call_for_a_batch_equals_the_per_image_calls(double_softmax):
+    """SAM's own ``predict_masks`` repeats one embedding per prompt row, so the reference calls it image by image;
+    with masks and semantic prompts, per-image :func:`decode` calls (``None`` where a batch row is zero)."""
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    from dgkit.methods.mapsam_parts import automatic_points, decode
+
+    torch.manual_seed(0)
+    c, g, b = 32, 4, 4
+    pe = PromptEncoder(embed_dim=c, image_embedding_size=(g, g), input_image_size=(16 * g,) * 2, mask_in_chans=4)
+    transformer = TwoWayTransformer(depth=2, embedding_dim=c, mlp_dim=64, num_heads=2)
+    dec = MaskDecoder(transformer_dim=c, transformer=transformer, num_multimask_outputs=0, iou_head_hidden_dim=c)
+    emb, coarse = torch.randn(b, c, g, g), torch.randn(b, 1, g, g)
+    keep = (coarse.sigmoid() >= 0.5).flatten(1)
+    keep[1], keep[2] = False, True  # a fully masked row (falls back to all keys) and an unmasked one
+    semantic = torch.randn(b, c)
+    semantic[1] = 0  # image 1 has no foreground: no semantic prompt
+    with torch.no_grad():
+        sparse, dense = pe(points=automatic_points(coarse, (16 * g,) * 2), boxes=None, masks=None)
+        image_pe = pe.get_dense_pe()
+        plain = decode(dec, emb, image_pe, sparse, dense)
+        for i in range(b):
+            ref = dec.predict_masks(emb[i : i + 1], image_pe, sparse[i : i + 1], dense[i : i + 1])[0][:, :1]
+            torch.testing.assert_close(plain[i : i + 1], ref, atol=1e-5, rtol=1e-5)
+        batched = decode(dec, emb, image_pe, sparse, dense, keep, semantic, True, double_softmax)
+        for i in range(b):
+            one = decode(
+                dec, emb[i : i + 1], image_pe, sparse[i : i + 1], dense[i : i + 1], keep[i : i + 1],
+                None if i == 1 else semantic[i : i + 1], True, double_softmax,
+            )  # fmt: skip
+            torch.testing.assert_close(batched[i : i + 1], one, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(batched, plain, atol=1e-3)  # the masks and prompts act
+
+
+@pytest.mark.parametrize("flags", [{}, {"masked_attention": False, "semantic_prompt": False}])
+def test_method_decodes_a_batch_as_image_by_image(flags):
+    """From the same embeddings and coarse masks (the encoder's batched GEMMs differ from per-image ones by ~1e-6,
+    enough to swap two near-equal top-k pixels of an upsampled coarse mask, so they are shared here)."""
+    method = _setup(**flags).eval()
+    torch.manual_seed(3)
+    final, coarse = torch.randn(3, 64, 4, 4), torch.randn(3, 1, 4, 4)
+    coarse[1] = -5.0  # no foreground: no semantic prompt, a fully masked first layer
+    with torch.no_grad():
+        batched = method.decode_masks(final, coarse, (64, 64))
+        for i in range(3):
+            one = method.decode_masks(final[i : i + 1], coarse[i : i + 1], (64, 64))
+            torch.testing.assert_close(batched[i : i + 1], one, atol=1e-5, rtol=1e-5)
+
+
+def test_the_presets_warmup_poly_schedule_follows_the_formula_over_the_step_budget():
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(["+exp=hist_maps_mapsam", "trainer.max_steps=40"])
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = instantiate(cfg.method.optimizer)([param])
+    scheduler = instantiate(cfg.method.scheduler)(optimizer)
+    base, total, warmup = 5e-3, 40, 2  # MapSAM's lr; 5 % of 40 steps of warm-up
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(base / warmup)
+    expected = [base * (t + 1) / warmup if t < warmup else base * (1 - (t - warmup) / (total - warmup)) ** 0.9
+                for t in range(total)] + [0.0, 0.0]  # fmt: skip
+    seen = []
+    for _ in range(total + 2):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert seen[warmup] == pytest.approx(base) and seen[total - 1] < base * 0.05
+
+
+def test_warmup_poly_options():
+    from dgkit.methods.base import WarmupPolyLR
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert WarmupPolyLR(opt, total_steps=1000, warmup_steps=250).warmup == 250  # MapSAM's 250 iterations
+    assert WarmupPolyLR(opt, total_steps=300, warmup_fraction=0.1).warmup == 30
+    assert [round(WarmupPolyLR(opt, 4, power=1.0).factor(t), 6) for t in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    with pytest.raises(ValueError, match="warmup_steps or warmup_fraction, not both"):
+        WarmupPolyLR(opt, 100, warmup_steps=5, warmup_fraction=0.1)
+    with pytest.raises(
+        ValueError, match=r"total_steps=10 must be >= 1 \(trainer.max_steps\), the warm-up \(10 steps\)"
+    ):
+        WarmupPolyLR(opt, 10, warmup_steps=10)

@@ -52,6 +52,52 @@ class InferenceModel(nn.Module):
         return self.head(self.task.features(self.backbone, x))
 
 
+class WarmupPolyLR(torch.optim.lr_scheduler.LambdaLR):
+    """Linear warm-up, then polynomial decay to 0 (SAMed's and MapSAM's schedule), stepped every training step.
+
+    The factor on each group's base learning rate at optimisation step ``t`` (0-based) is ``(t + 1) / W`` for
+    ``t < W`` and ``(1 - (t - W) / (T - W)) ** power`` after, 0 from ``T`` on. MapSAM: ``W = 250`` iterations,
+    ``power = 0.9``, ``T`` its whole budget. Configure it as ``method.scheduler`` (a ``_partial_`` taking the
+    optimiser) with ``total_steps: ${trainer.max_steps}``, so it follows the run's step budget; ``warmup_fraction``
+    scales the warm-up with the budget too.
+
+    Args:
+        optimizer: the optimiser.
+        total_steps: ``T``, the run's step budget (``trainer.max_steps``).
+        warmup_steps: ``W`` in steps (0: no warm-up); exclusive with ``warmup_fraction``.
+        warmup_fraction: ``W = round(warmup_fraction · T)``.
+        power: the poly exponent (0.9).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int,
+        warmup_steps: int = 0,
+        warmup_fraction: float | None = None,
+        power: float = 0.9,
+        last_epoch: int = -1,
+    ) -> None:
+        if warmup_fraction is not None and warmup_steps:
+            raise ValueError("scheduler: set warmup_steps or warmup_fraction, not both")
+        if warmup_fraction is not None and not 0.0 <= warmup_fraction < 1.0:
+            raise ValueError(f"scheduler.warmup_fraction={warmup_fraction}: must be in [0, 1)")
+        warmup = round(warmup_fraction * total_steps) if warmup_fraction is not None else int(warmup_steps)
+        if total_steps < 1 or not 0 <= warmup < total_steps or power <= 0:
+            raise ValueError(
+                f"scheduler: total_steps={total_steps} must be >= 1 (trainer.max_steps), the warm-up ({warmup} "
+                f"steps) in [0, total_steps) and power={power} > 0"
+            )
+        self.total_steps, self.warmup, self.power = int(total_steps), warmup, float(power)
+        super().__init__(optimizer, self.factor, last_epoch)
+
+    def factor(self, step: int) -> float:
+        """The learning-rate factor at optimisation step ``step`` (0-based)."""
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        return max(0.0, 1.0 - (step - self.warmup) / (self.total_steps - self.warmup)) ** self.power
+
+
 class Method(pl.LightningModule):
     """Base LightningModule of every objective.
 

@@ -5,8 +5,10 @@ a coarse mask, automatic point prompts from that mask (top-k positive, bottom-k 
 embedding as positional-semantic prompt, masked token-to-image attention in SAM's mask decoder, and
 0.2 focal + 0.8 Dice on the final and the coarse mask (parts in :mod:`dgkit.methods.mapsam_parts`).
 
-SAM's ``Sam.forward`` runs under ``no_grad``, so the encoder, prompt encoder and mask decoder are called directly,
-and the decoder once per image (it repeats the image embedding per prompt row). The backbone must be a SAM
+SAM's ``Sam.forward`` runs under ``no_grad``, so the encoder, prompt encoder and mask decoder are called directly.
+SAM's ``MaskDecoder.predict_masks`` repeats one image embedding per prompt row, so MapSAM's code calls it once per
+image; :func:`~dgkit.methods.mapsam_parts.decode` pairs image ``i`` with prompt set ``i`` and decodes the whole batch
+in one call (equal to the per-image calls, tested). The backbone must be a SAM
 backbone built with ``backbone.prompt_decoder=true`` (the backbone's ``prompt_decoder`` capability); adapters
 act on its image encoder only, and ``variant`` decides whether the prompt encoder and mask decoder train. Outputs
 are two-class logits ``[0, mask logit]`` at the input size, so the segmentation task's argmax is MapSAM's
@@ -95,20 +97,24 @@ class MapSAM(Method):
         )  # fmt: skip
         maps = [*inter, final]  # (B, C, g, g) each, through the neck
         coarse = torch.stack([head(m) for head, m in zip(self.spgen, maps)]).mean(0)  # (B, 1, g, g)
+        return self.decode_masks(final, coarse, tuple(x.shape[-2:])), coarse
+
+    def decode_masks(self, final: torch.Tensor, coarse: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
+        """Final mask logits ``(B, 1, 4g, 4g)`` from the image embeddings ``(B, C, g, g)`` and the coarse logits
+        ``(B, 1, g, g)``: automatic prompts, semantic prompt and masked attention, the batch in one decoder call."""
+        sam = self.backbone
         image_pe = sam.prompt_encoder.get_dense_pe()  # (1, C, g, g)
-        masks = []
-        for i in range(x.shape[0]):  # one image per decoder call
-            points = automatic_points(coarse[i : i + 1], tuple(x.shape[-2:]), self.points)
-            sparse, dense = sam.prompt_encoder(points=points, boxes=None, masks=None)
-            keep = (coarse[i : i + 1].detach().sigmoid() >= 0.5).flatten(1)  # (1, g*g)
-            semantic = None
-            if self.semantic_prompt and keep.any():
-                semantic = final[i].detach().flatten(1)[:, keep[0]].mean(1)[None]  # (1, C)
-            masks.append(
-                decode(sam.mask_decoder, final[i : i + 1], image_pe, sparse, dense, keep, semantic,
-                       self.masked_attention, self.double_softmax)
-            )  # fmt: skip
-        return torch.cat(masks), coarse
+        points = automatic_points(coarse, input_size, self.points)  # (B, 2k, 2), (B, 2k)
+        sparse, dense = sam.prompt_encoder(points=points, boxes=None, masks=None)  # (B, 2k+1, C), (B, C, g, g)
+        keep = (coarse.detach().sigmoid() >= 0.5).flatten(1)  # (B, g*g)
+        semantic = None
+        if self.semantic_prompt:  # mean final embedding over each image's foreground; a zero row when it is empty
+            emb, weight = final.detach().flatten(2), keep.to(final.dtype)[:, None]  # (B, C, g*g), (B, 1, g*g)
+            semantic = (emb * weight).sum(-1) / weight.sum(-1).clamp_min(1.0)  # (B, C)
+        return decode(
+            sam.mask_decoder, final, image_pe, sparse, dense, keep, semantic, self.masked_attention,
+            self.double_softmax,
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Two-class logits ``(B, 2, H, W)``: ``[0, mask logit]`` upsampled to the input."""

@@ -1,7 +1,7 @@
 """MapSAM's parts (Xia et al., arXiv 2411.06971), on segment-anything's own modules: SPGen coarse-mask heads,
 automatic point prompts, masked token-to-image attention with the positional-semantic prompt, focal + Dice loss.
 
-The method that assembles them (``method=mapsam``) is not built yet; these are its tested pieces.
+:class:`dgkit.methods.mapsam.MapSAM` (``method=mapsam``) assembles them.
 
 - :class:`SPGen`: a 1x1-conv head (C -> C/4 -> C/16 -> 1, LayerNorm2d and GELU between) on a neck-projected map;
   MapSAM averages 4 of them (final embedding and blocks 0, 4, 8) into the coarse mask ``C``.
@@ -10,9 +10,10 @@ The method that assembles them (``method=mapsam``) is not built yet; these are i
 - :func:`attend`: SAM's decoder ``Attention`` with an optional key mask added to the logits before *one* softmax
   (Mask2Former style); rows whose keys are all masked fall back to unmasked attention. ``double_softmax=True``
   reproduces the official code (softmax, add -1e9, softmax again) for comparison only.
-- :func:`decode`: ``MaskDecoder.predict_masks`` for one image and one mask token, with the masks applied to the
-  token-to-image attention of each two-way layer and the semantic prompt added to the query tokens before each
-  layer and to the final attention's queries. With neither, it equals ``predict_masks``.
+- :func:`decode`: ``MaskDecoder.predict_masks`` for one mask token and one prompt set per image (a batch of images
+  in one call, equal to per-image calls), with the masks applied to the token-to-image attention of each two-way
+  layer and the semantic prompt added to the query tokens before each layer and to the final attention's queries.
+  With neither, it equals ``predict_masks`` image by image.
 - :func:`mapsam_loss`: 0.2 focal (alpha 0.25, gamma 2) + 0.8 soft Dice (per sample) on the final and the coarse
   mask.
 """
@@ -135,37 +136,42 @@ def decode(
     masked_attention: bool = False,
     double_softmax: bool = False,
 ) -> torch.Tensor:
-    """One image's first mask token's logits ``(1, 1, 4h, 4w)`` from SAM's ``MaskDecoder``.
+    """The first mask token's logits ``(B, 1, 4h, 4w)`` from SAM's ``MaskDecoder``, one prompt set per image.
+
+    SAM's ``MaskDecoder.predict_masks`` repeats *one* image embedding for every prompt row (so B images with B
+    prompt sets fail or mix images); here image ``i`` meets only prompt set ``i``, every operation being per image
+    (attention, norms and MLPs act on each row; the masks and the semantic prompt are per image), so a batch equals
+    the images decoded one at a time.
 
     Args:
         decoder: a ``segment_anything.modeling.MaskDecoder``.
-        image_embedding: ``(1, C, h, w)`` (one image: SAM's decoder repeats it per prompt row).
-        image_pe: the prompt encoder's dense positional encoding ``(1, C, h, w)``.
-        sparse, dense: the prompt encoder's outputs ``(1, N, C)``, ``(1, C, h, w)``.
-        first_keep: bool ``(1, h*w)``, the first layer's key mask (MapSAM: sigmoid(coarse) >= 0.5).
-        semantic: ``(1, C)`` positional-semantic prompt, or ``None``.
+        image_embedding: ``(B, C, h, w)``.
+        image_pe: the prompt encoder's dense positional encoding ``(1, C, h, w)`` (shared).
+        sparse, dense: the prompt encoder's outputs ``(B, N, C)``, ``(B, C, h, w)``.
+        first_keep: bool ``(B, h*w)``, the first layer's key mask (MapSAM: sigmoid(coarse) >= 0.5).
+        semantic: ``(B, C)`` positional-semantic prompts (a zero row: none for that image), or ``None``.
         masked_attention: mask the token-to-image attention (layer 1 with ``first_keep``, later layers with the
             intermediate prediction ``sigmoid(LN_final(mask token) · (keys + pe)) >= 0.5``).
         double_softmax: see :func:`attend`.
     """
     t = decoder.transformer
-    out_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)[None]  # (1, T, C)
-    tokens = torch.cat([out_tokens, sparse], dim=1)  # (1, T + N, C)
     b, c, h, w = image_embedding.shape
-    keys = (image_embedding + dense).flatten(2).transpose(1, 2)  # (1, h*w, C)
-    key_pe = image_pe.flatten(2).transpose(1, 2)
+    out_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # (T, C)
+    tokens = torch.cat([out_tokens[None].expand(b, -1, -1), sparse], dim=1)  # (B, T + N, C)
+    keys = (image_embedding + dense).flatten(2).transpose(1, 2)  # (B, h*w, C)
+    key_pe = image_pe.flatten(2).transpose(1, 2)  # (1, h*w, C), broadcast over the batch
     queries, keep = tokens, first_keep if masked_attention else None
-    extra = semantic[:, None] if semantic is not None else 0  # (1, 1, C)
+    extra = semantic[:, None] if semantic is not None else 0  # (B, 1, C)
     for i, layer in enumerate(t.layers):
         queries, keys = _two_way_layer(layer, queries + extra, keys, tokens, key_pe, keep, double_softmax)
         if masked_attention and i + 1 < len(t.layers):
             with torch.no_grad():  # the next layer's mask from the intermediate prediction (detached)
-                token = t.norm_final_attn(queries[:, 1])  # (1, C): the mask token, MapSAM reuses this norm
-                keep = torch.einsum("bc,bnc->bn", token, keys + key_pe).sigmoid() >= 0.5  # (1, h*w)
+                token = t.norm_final_attn(queries[:, 1])  # (B, C): the mask token, MapSAM reuses this norm
+                keep = torch.einsum("bc,bnc->bn", token, keys + key_pe).sigmoid() >= 0.5  # (B, h*w)
     q, k = queries + tokens + extra, keys + key_pe
     queries = t.norm_final_attn(queries + t.final_attn_token_to_image(q=q, k=k, v=keys))
-    up = decoder.output_upscaling(keys.transpose(1, 2).reshape(b, c, h, w))  # (1, C/8, 4h, 4w)
-    hyper = decoder.output_hypernetworks_mlps[0](queries[:, 1])  # (1, C/8)
+    up = decoder.output_upscaling(keys.transpose(1, 2).reshape(b, c, h, w))  # (B, C/8, 4h, 4w)
+    hyper = decoder.output_hypernetworks_mlps[0](queries[:, 1])  # (B, C/8)
     return (hyper[:, None] @ up.flatten(2)).reshape(b, 1, *up.shape[-2:])
 
 
