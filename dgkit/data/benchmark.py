@@ -46,7 +46,12 @@ class Benchmark:
 
 
 class ArrayDataset(Dataset):
-    """In-memory images ``(N, H, W, 3) uint8`` with integer labels ``(N,)``."""
+    """In-memory images ``(N, H, W, 3) uint8`` with integer labels ``(N,)``.
+
+    It declares ``in_memory``: training batches are then augmented as tensors (:mod:`dgkit.data.batch_augment`).
+    """
+
+    in_memory = True
 
     def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
         if len(images) != len(labels):

@@ -32,6 +32,7 @@ from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
 from dgkit.backbones.base import DataConfig
+from dgkit.data.batch_augment import BatchAugment, BatchLoader
 from dgkit.data.benchmark import Benchmark, eval_splits, resolve_test_domains, seed_hash, split_indices
 from dgkit.data.crafted import CraftedShiftDataset, check_families
 from dgkit.data.transforms import build_transform
@@ -79,6 +80,28 @@ class DomainStream(Sampler):
             if position == self.n:
                 epoch, position = epoch + 1, 0
                 order = self.permutation(epoch)
+
+    def blocks(self) -> Iterator[tuple[np.ndarray, int]]:
+        """This process's blocks of :meth:`__iter__`, vectorised: ``(indices (block,), first draw)`` per block (a
+        batch of the batch-augmentation path). ``start`` must fall on a block boundary, as a step's position does."""
+        if self.start % self.block:
+            raise ValueError(f"stream start {self.start} is not a multiple of the block size {self.block}")
+        orders: dict[int, np.ndarray] = {}
+        block = self.start // self.block
+        block += (self.rank - block) % self.world  # this process's first block
+        while True:
+            draw = block * self.block
+            positions = np.arange(draw, draw + self.block)
+            epochs = positions // self.n
+            for e in set(epochs.tolist()) - set(orders):
+                orders[e] = self.permutation(e)
+            for e in [e for e in orders if e < epochs[0]]:
+                del orders[e]  # passes already consumed
+            if epochs[0] == epochs[-1]:
+                yield orders[int(epochs[0])][positions % self.n], draw
+            else:
+                yield np.array([orders[int(e)][q] for e, q in zip(epochs, positions % self.n)]), draw
+            block += self.world
 
 
 class TransformedDataset(Dataset):
@@ -211,6 +234,10 @@ class DGDataModule(pl.LightningDataModule):
         crafted_families: augmentation families for crafted-shift validation (:mod:`dgkit.data.crafted`): each
             source domain's ``out`` images under them become a third evaluation split, ``crafted``
             (``+validation=crafted``); ``None``: none.
+        batch_augment: how training images are augmented: ``None`` (automatic) augments whole batches as tensors
+            (:mod:`dgkit.data.batch_augment`) for in-memory class-labelled domains (datasets declaring
+            ``in_memory``, such as the embedded benchmarks) and each image with albumentations otherwise (folders,
+            segmentation masks); ``False`` forces the per-image path; ``True`` requires the batch path.
         num_classes, class_names: what a preset declared (segmentation folders pass them to their benchmark
             factory); checked against the benchmark, else unused.
     """
@@ -235,6 +262,7 @@ class DGDataModule(pl.LightningDataModule):
         verify: bool = False,
         on_bad_image: str = "error",
         crafted_families: Sequence[str] | None = None,
+        batch_augment: bool | None = None,
         num_classes: int | None = None,
         class_names: Sequence[str] | None = None,
     ) -> None:
@@ -282,6 +310,8 @@ class DGDataModule(pl.LightningDataModule):
                     f"{holdout_fraction}: training-domain validation needs one; raise data.holdout_fraction"
                 )
         self.train_indices = {d: self.splits[(d, "in")] for d in self.source_domains}
+        self.batch_augment = self._choose_path(batch_augment)
+        self._prepared: dict[str, np.ndarray] = {}
         self._warn_on_rescaling()
         if labels_per_class is not None:
             for d in self.source_domains:
@@ -290,6 +320,18 @@ class DGDataModule(pl.LightningDataModule):
         if shots is not None:
             for d in self.source_domains:
                 self.train_indices[d] = few_shots(self.train_indices[d], shots, split_seed, d)
+
+    def _choose_path(self, requested: bool | None) -> bool:
+        """Whether training augments whole batches: every source domain in memory with class labels."""
+        capable = all(getattr(self.benchmark.datasets[d], "in_memory", False) for d in self.source_domains)
+        if requested and not capable:
+            raise ValueError(
+                f"data.batch_augment=true but {self.name}'s source domains are not all in-memory class-labelled "
+                "arrays (folders and segmentation masks are augmented per image); use null (automatic) or false"
+            )
+        if capable and requested is not False and self.num_workers > 0:
+            log.info("%s: batches are augmented in the main process; data.num_workers applies to evaluation", self.name)
+        return capable if requested is None else requested
 
     def _warn_on_rescaling(self) -> None:
         """Warn once when training resizes the benchmark's images by more than 2x (read from its first image):
@@ -351,11 +393,24 @@ class DGDataModule(pl.LightningDataModule):
         trainer = self.trainer
         step = trainer.global_step if trainer is not None else 0
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        loaders = {
-            d: self._loader(self.train_split(d), True, self.stream(d, step * self.batch_size * world, rank, world))
-            for d in self.source_domains
-        }
+        streams = {d: self.stream(d, step * self.batch_size * world, rank, world) for d in self.source_domains}
+        if self.batch_augment:
+            loaders = {d: self.batch_loader(d, streams[d]) for d in self.source_domains}
+        else:
+            loaders = {d: self._loader(self.train_split(d), True, streams[d]) for d in self.source_domains}
         return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def batch_loader(self, domain: str, stream: DomainStream | None = None) -> BatchLoader:
+        """A source domain's training batches augmented as tensors (:mod:`dgkit.data.batch_augment`), over
+        ``stream`` (default: :meth:`stream` from position 0); the prepared images are kept for later calls."""
+        augment = BatchAugment(self.data_config, self.augment)
+        dataset = self.benchmark.datasets[domain]
+        indices = self.train_indices[domain]
+        if domain not in self._prepared:
+            self._prepared[domain] = augment.prepare(np.asarray(dataset.images)[indices])
+        labels = np.asarray(dataset.labels)[indices]
+        stream = stream if stream is not None else self.stream(domain)
+        return BatchLoader(augment, self._prepared[domain], labels, stream, self.split_seed, domain, self.views)
 
     def stream(self, domain: str, start: int = 0, rank: int = 0, world: int = 1) -> DomainStream:
         """The training stream of a source domain from position ``start``; process ``rank`` of ``world`` takes

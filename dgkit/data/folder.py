@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,11 +42,48 @@ EXPECTED_TREE = """expected layout:
 every domain holds the same class folders (see datasets/README.md)"""
 
 
+class PathTable(Sequence):
+    """File paths packed in one ``uint8`` buffer with ``int64`` offsets: indexing gives a ``Path``.
+
+    A Python list of paths is one object per file; every loader worker that reads an entry writes its reference
+    count, so the page holding it is copied into the worker (copy-on-access after ``fork``), and over a pass each
+    worker holds its own copy of the list. Two numpy arrays have no per-entry objects: workers share them. The
+    common directory prefix is stored once.
+    """
+
+    def __init__(self, paths: Sequence[str | Path]) -> None:
+        names = [os.fspath(p) for p in paths]
+        try:  # the deepest folder holding every file (a prefix of each path)
+            common = os.path.commonpath([os.path.dirname(n) for n in names]) if names else ""
+        except ValueError:  # absolute and relative paths mixed: no common prefix
+            common = ""
+        self.prefix = common if not common or common.endswith(os.sep) else common + os.sep
+        tails = [os.fsencode(n[len(self.prefix) :]) for n in names]
+        self.offsets = np.zeros(len(tails) + 1, dtype=np.int64)
+        np.cumsum([len(t) for t in tails], out=self.offsets[1:])
+        self.buffer = np.frombuffer(b"".join(tails), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> Path:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"path index {i} out of range for {len(self)} files")
+        i %= len(self)
+        return Path(self.prefix + os.fsdecode(self.buffer[self.offsets[i] : self.offsets[i + 1]].tobytes()))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the table's arrays."""
+        return self.buffer.nbytes + self.offsets.nbytes
+
+
 class ImageFileDataset(Dataset):
-    """Images read lazily from files, returned as ``uint8 (H, W, 3)`` with their label."""
+    """Images read lazily from files, returned as ``uint8 (H, W, 3)`` with their label; the paths are kept in a
+    :class:`PathTable` (no per-file Python objects for loader workers to copy)."""
 
     def __init__(self, files: Sequence[Path], labels: Sequence[int]) -> None:
-        self.files = list(files)
+        self.files = PathTable(files)
         self.labels = np.asarray(labels, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -63,7 +101,7 @@ def read_image(path: str | Path) -> np.ndarray:
     """
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # convert() copies even RGB
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise RuntimeError(f"cannot read image {path}: {e}") from e
 
