@@ -83,8 +83,8 @@ def test_wrong_setups_are_refused():
         MapSAM(cnn, 2, ["a"], [])
 
 
-@pytest.mark.parametrize("double_softmax", [False, True])
-def test_one_decoder_call_for_a_batch_equals_the_per_image_calls(double_softmax):
+@pytest.mark.parametrize("double_softmax, multimask", [(False, 0), (True, 0), (False, 3)])
+def test_one_decoder_call_for_a_batch_equals_the_per_image_calls(double_softmax, multimask):
     """SAM's own ``predict_masks`` repeats one embedding per prompt row, so the reference calls it image by image;
     with masks and semantic prompts, per-image :func:`decode` calls (``None`` where a batch row is zero)."""
     from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
@@ -95,7 +95,9 @@ def test_one_decoder_call_for_a_batch_equals_the_per_image_calls(double_softmax)
     c, g, b = 32, 4, 4
     pe = PromptEncoder(embed_dim=c, image_embedding_size=(g, g), input_image_size=(16 * g,) * 2, mask_in_chans=4)
     transformer = TwoWayTransformer(depth=2, embedding_dim=c, mlp_dim=64, num_heads=2)
-    dec = MaskDecoder(transformer_dim=c, transformer=transformer, num_multimask_outputs=0, iou_head_hidden_dim=c)
+    dec = MaskDecoder(
+        transformer_dim=c, transformer=transformer, num_multimask_outputs=multimask, iou_head_hidden_dim=c
+    )
     emb, coarse = torch.randn(b, c, g, g), torch.randn(b, 1, g, g)
     keep = (coarse.sigmoid() >= 0.5).flatten(1)
     keep[1], keep[2] = False, True  # a fully masked row (falls back to all keys) and an unmasked one
