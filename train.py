@@ -5,6 +5,7 @@ from omegaconf import DictConfig
 
 from dgkit.config import register_resolvers
 from dgkit.errors import run_reporting_user_errors
+from dgkit.utils.allocator import tune_allocator
 
 register_resolvers()
 
@@ -18,4 +19,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # glibc: reuse freed activation buffers across steps (DGKIT_MALLOC=default: off)
     main()

@@ -33,6 +33,7 @@ from dgkit.errors import run_reporting_user_errors  # noqa: E402
 from dgkit.export.evaluate import evaluate_export  # noqa: E402
 from dgkit.export.manifest import MANIFEST  # noqa: E402
 from dgkit.tta.runner import format_result, run_tta  # noqa: E402
+from dgkit.utils.allocator import tune_allocator  # noqa: E402
 from dgkit.utils.cli import quote_paths  # noqa: E402
 from dgkit.variants import format_variant  # noqa: E402
 
@@ -72,4 +73,5 @@ def evaluate(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv[1:] = quote_paths(sys.argv[1:])
+    tune_allocator()  # glibc: reuse freed buffers across batches (DGKIT_MALLOC=default: off)
     main()

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dgkit.errors import EXIT_USER_ERROR  # noqa: E402
 from dgkit.predict import predict_checkpoint  # noqa: E402
+from dgkit.utils.allocator import tune_allocator  # noqa: E402
 
 USAGE = (
     "usage: python scripts/predict.py ckpt=CHECKPOINT_OR_EXPORT_FOLDER images=DIR_OR_GLOB [out=predictions.csv] "
@@ -63,4 +64,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    tune_allocator()  # glibc: reuse freed buffers across batches (DGKIT_MALLOC=default: off)
     sys.exit(main())
