@@ -14,7 +14,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dgkit.methods.sharpness import Sharpness, frozen_running_stats, sharpness_epsilon
-from dgkit.methods.udim import UDIM, inconsistency_penalty, per_sample_head_grads, perturb_instances
+from dgkit.methods.udim import (
+    UDIM,
+    inconsistency_penalty,
+    per_sample_and_deterministic,
+    per_sample_head_grads,
+    perturb_instances,
+)
 from dgkit.run import train
 from dgkit.utils.io import read_jsonl
 
@@ -254,12 +260,89 @@ def test_udim_step_is_minus_sam_grad_minus_lambda_inconsistency_grad(lambda_inc,
     _assert_step(method, batch, expected, bn)
 
 
+def _fd_direction(rho, step):
+    """``∇_x ℓ(θ) + (ρ / r) (∇_x ℓ(θ + r ĝ) - ∇_x ℓ(θ))`` on explicit copies (``step=None``: ``r = ρ``)."""
+    r = rho if step is None else step
+
+    def direction(ref, x, y):
+        x_in = x.clone().requires_grad_(True)
+        g_all = torch.autograd.grad(F.cross_entropy(ref(x_in), y), [*ref.parameters(), x_in])
+        g, gx0 = g_all[:-1], g_all[-1]
+        norm = torch.sqrt(sum(gi.pow(2).sum() for gi in g))
+        moved = copy.deepcopy(ref)
+        with torch.no_grad():
+            for p, gi in zip(moved.parameters(), g):
+                p.add_(r * gi / norm)
+        x_r = x.clone().requires_grad_(True)
+        gx_r = torch.autograd.grad(F.cross_entropy(moved(x_r), y), x_r)[0]
+        return gx0 + (rho / r) * (gx_r - gx0)
+
+    return direction
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+@pytest.mark.parametrize("fd_step", [None, 0.03])
+def test_udim_finite_difference_step_equals_its_float64_reference(fd_step, norm):
+    rho, rho_x, lambda_inc = 0.1, 0.5, 0.7
+    kwargs = dict(rho=rho, rho_x=rho_x, lambda_inc=lambda_inc, warmup_steps=0, perturb_norm="per_sample")
+    method = _method(UDIM, norm=norm, input_gradient="finite_difference", fd_step=fd_step, **kwargs)
+    batch = _batch()
+    expected, bn = _udim_reference_update(method, batch, rho, rho_x, lambda_inc, _fd_direction(rho, fd_step))
+    _assert_step(method, batch, expected, bn)
+
+
+def test_finite_difference_direction_tends_to_the_exact_one_and_differs_at_r_equal_rho():
+    rho = 0.2
+    method = _method(UDIM, rho=rho, warmup_steps=0)
+    x, y = UDIM.concat(_batch())
+    exact = method.instance_gradient(x, y)[2]
+    _, grads, gx0, _ = method.source_gradient(x, y, input_grad=True)
+
+    def error(r: float) -> float:
+        fd = gx0 + (rho / r) * (method.input_gradient_at(x, y, grads, r) - gx0)
+        return float((fd - exact).norm() / exact.norm())
+
+    errors = [error(r) for r in (rho, 1e-2, 1e-4)]
+    assert errors[2] < 1e-4 < errors[1] / 10  # first order in r: 100x smaller step, about 100x smaller error
+    assert errors[2] < errors[1] / 30
+    assert errors[0] > 10 * errors[1]  # r = ρ (fd_step=null) is another direction, not a rounding of the exact one
+
+
+@pytest.mark.parametrize(
+    "norm, input_gradient, rows",
+    [
+        ("batch", "exact", [8, 8, 16]),  # batch statistics: step 4 forwards cat(x, x̃)
+        ("layer", "exact", [8, 8, 8]),  # per-sample: step 4 forwards x̃ only, x's features come from step 1
+        ("layer", "finite_difference", [8, 8, 8]),  # and r = ρ adds no pass to SAM's two
+    ],
+)
+def test_udim_forwards_the_source_half_once_when_the_backbone_is_per_sample(norm, input_gradient, rows):
+    method = _method(UDIM, norm=norm, input_gradient=input_gradient, warmup_steps=0)
+    seen: list[int] = []
+    method.backbone.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+    _fit(method, _batch())
+    assert seen == rows
+
+
+def test_per_sample_and_deterministic():
+    gn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.LayerNorm(2), nn.Dropout(0.0)).train()
+    assert per_sample_and_deterministic(gn)
+    bn = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    assert not per_sample_and_deterministic(bn.train())
+    assert per_sample_and_deterministic(bn.eval())  # running statistics: per sample
+    assert not per_sample_and_deterministic(nn.BatchNorm1d(3, track_running_stats=False).eval())
+    drop = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1))
+    assert not per_sample_and_deterministic(drop.train())
+    assert per_sample_and_deterministic(drop.eval())
+
+
 @pytest.mark.parametrize(
     "kwargs, key",
     [
         ({"rho": -0.1}, "rho="), ({"rho_x": 0.0}, "rho_x="), ({"lambda_inc": -1.0}, "lambda_inc="),
         ({"perturb_norm": "pixel"}, "perturb_norm="), ({"warmup_steps": -1}, "warmup_steps="),
-        ({"warmup_fraction": 1.5}, "warmup_fraction="),
+        ({"warmup_fraction": 1.5}, "warmup_fraction="), ({"input_gradient": "hvp"}, "input_gradient="),
+        ({"input_gradient": "finite_difference", "fd_step": 0.0}, "fd_step="), ({"fd_step": 0.01}, "fd_step="),
     ],
 )  # fmt: skip
 def test_udim_rejects_bad_values(kwargs, key):
