@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from dgkit.tasks import Classification, Task
 
 _CLASSIFICATION = "dgkit.tasks.Classification"
 META_FORMAT = 2
+log = logging.getLogger(__name__)
 META_KEYS = ("format", "task", "dataset", "classes", "domains", "test_domains", "data_config", "chain")
 """What a checkpoint's ``dgkit_meta`` holds: enough to rebuild the model without its dataset."""
 
@@ -246,7 +248,27 @@ def build_trainer(cfg: DictConfig, out: Path, resolved: dict[str, Any], method: 
     logger = instantiate(logger_cfg) if logger_cfg and logger_cfg.get("_target_") else False
     if logger:
         _count_steps_done(logger)
-    return instantiate(trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=str(out))
+    trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=str(out))
+    if _relaunches_sweep(trainer):
+        log.warning(
+            "trainer.strategy=ddp inside a Hydra multirun: Lightning's ddp re-executes the command line in its child "
+            "processes, which would relaunch the whole sweep; using ddp_spawn instead (same gradients and data split)"
+        )
+        trainer_cfg["strategy"] = "ddp_spawn"
+        trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=str(out))
+    return trainer
+
+
+def _relaunches_sweep(trainer: pl.Trainer) -> bool:
+    """Whether this is a Hydra multirun job whose strategy would start its processes by re-running the command
+    line (Lightning's subprocess launcher, ``ddp`` without a cluster that starts them: Slurm tasks, torchrun)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    return isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher)
 
 
 __all__ = [
