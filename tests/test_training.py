@@ -11,7 +11,7 @@ from dgkit.run import train
 from dgkit.utils.io import read_jsonl
 from tests.conftest import CONF, ROOT, TINY
 
-SEGMENTATION_ONLY = {"mapsam"}  # SAM's decoder segments one foreground class: refuses classification (tested below)
+SEGMENTATION_ONLY = {"mapsam", "sam_pretrain"}  # need SAM's decoder (and prompts): refuse classification (tested below)
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml") if p.stem not in SEGMENTATION_ONLY)
 
 
