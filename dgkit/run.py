@@ -33,7 +33,7 @@ from dgkit.identity import hparams_id
 from dgkit.labels import algorithm_choices, default_tag
 from dgkit.report import print_summary, summarise_run
 from dgkit.runfolder import RunFolder
-from dgkit.search import apply_hparams_seed
+from dgkit.search import apply_hparams_seed, without_search
 from dgkit.tta.runner import format_result, run_tta
 from dgkit.utils.io import read_jsonl
 
@@ -224,10 +224,8 @@ def _tta_requested(cfg: DictConfig) -> str | None:
 def _with_tta(cfg: DictConfig, folder: RunFolder, final: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the selected checkpoint (``best.ckpt``) with ``cfg.tta`` on the held-out domains, write
     ``tta/<name>_bs<batch>.json`` and add a per-domain summary under ``final.json``'s ``tta`` key."""
-    tta = instantiate(cfg.tta)
-    result, path = run_tta(
-        folder.best_checkpoint, tta, OmegaConf.to_container(cfg.tta, resolve=True), seed=int(cfg.seed)
-    )
+    tta = instantiate(without_search(cfg.tta))  # the drawn values, not the search space
+    result, path = run_tta(folder.best_checkpoint, tta, without_search(cfg.tta), seed=int(cfg.seed))
     if cfg.get("print_summary", True):
         print(format_result(result))  # once: not logged too (Hydra's console logging would repeat it)
     log.info("test-time adaptation of the selected checkpoint written to %s", path)

@@ -1,7 +1,8 @@
 """Random hyper-parameter search, DomainBed's way (``hparams_seed``).
 
-Each method, adapter and augmentation config declares its search space next to its defaults, in a ``search``
-block of dotted keys relative to the block::
+Each method, adapter, augmentation and test-time adaptation config declares its search space next to its
+defaults, in a ``search`` block of dotted keys relative to the block (draws are keyed ``method.<key>``,
+``adapter.<key>``, ``augment.<name>.<key>``, ``tta.<key>``)::
 
     search:                                   # conf/method/dann.yaml
       lambda_max: {dist: log_uniform, low: 0.01, high: 100}
@@ -31,8 +32,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dgkit.data.benchmark import seed_hash
 
-SEARCHED_GROUPS = ("method", "adapter")
-"""Config blocks that may declare a ``search`` space (plus every block under ``augment``)."""
+SEARCHED_GROUPS = ("method", "adapter", "tta")
+"""Config blocks that may declare a ``search`` space (plus every block under ``augment``). A ``tta`` draw changes
+only the test-time adaptation of the selected checkpoint, never training: the TTA is left out of the
+hyper-parameter id, like every ``tta`` key."""
 DISTRIBUTIONS = ("uniform", "log_uniform", "log2_int", "choice")
 
 

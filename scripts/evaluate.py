@@ -32,6 +32,7 @@ from dgkit.config import register_resolvers  # noqa: E402
 from dgkit.errors import run_reporting_user_errors  # noqa: E402
 from dgkit.export.evaluate import evaluate_export  # noqa: E402
 from dgkit.export.manifest import MANIFEST  # noqa: E402
+from dgkit.search import without_search  # noqa: E402
 from dgkit.tta.runner import format_result, run_tta  # noqa: E402
 from dgkit.utils.allocator import tune_allocator  # noqa: E402
 from dgkit.utils.cli import quote_paths  # noqa: E402
@@ -60,10 +61,10 @@ def evaluate(cfg: DictConfig) -> None:
         folder = evaluate_export(cfg.ckpt, data_paths, threads=int(cfg.threads or 1))
         print(format_variant(folder))
         return
-    tta = instantiate(cfg.tta)
+    tta = instantiate(without_search(cfg.tta))  # a conf/tta search block is not an argument
     out = Path(cfg.out) if cfg.out else None
     result, path = run_tta(
-        cfg.ckpt, tta, OmegaConf.to_container(cfg.tta), domains=cfg.domains, split=cfg.split, seed=int(cfg.seed),
+        cfg.ckpt, tta, without_search(cfg.tta), domains=cfg.domains, split=cfg.split, seed=int(cfg.seed),
         corrupt=OmegaConf.to_container(cfg.corrupt), out=out,
         data_paths=data_paths,
     )  # fmt: skip

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from dgkit.checkpoint import load_checkpoint_and_data  # noqa: E402
 from dgkit.config import register_resolvers  # noqa: E402
+from dgkit.search import without_search  # noqa: E402
 from dgkit.tta import build_test_sets, evaluate_tta  # noqa: E402
 from dgkit.tta.runner import result_metric  # noqa: E402
 from dgkit.utils.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -41,7 +42,7 @@ def evaluate_run(run: Path, ttas: list[str], corrupt: dict, seed: int) -> dict:
     sets = build_test_sets(datamodule, None, "in", corrupt)
     results: dict = {}
     for i, name in enumerate(ttas):
-        tta = instantiate(OmegaConf.load(ROOT / "conf" / "tta" / f"{name}.yaml"))
+        tta = instantiate(without_search(OmegaConf.load(ROOT / "conf" / "tta" / f"{name}.yaml")))
         try:  # the unadapted model is measured once, with the first TTA (time ratios are taken against it)
             results[name] = evaluate_tta(method, datamodule, tta, sets, seed=seed, baseline=i == 0)
         except ValueError as e:  # a TTA that does not fit this model: recorded, not fatal

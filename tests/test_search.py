@@ -12,6 +12,7 @@ from omegaconf import OmegaConf, open_dict
 
 from dgkit.chain import chain_configs
 from dgkit.compose import build
+from dgkit.data.benchmark import seed_hash
 from dgkit.data.style import BatchStylesStandardization
 from dgkit.eval.records import Run
 from dgkit.eval.selection import TrainingDomainValidation
@@ -214,3 +215,58 @@ def test_a_drawn_adapter_is_recorded_like_a_method_draw(tiny_cfg, tmp_path):
     saved = OmegaConf.load(tmp_path / "drawn" / "config.yaml").adapter
     assert (saved.rank, saved.alpha) == (run["draws"]["adapter.rank"], run["draws"]["adapter.alpha"])
     assert run["hparams"] != hparams_id(tiny_cfg("adapter=lora"))
+
+
+# --- search spaces of the test-time adaptations ------------------------------------------------------------------
+
+TTA_CONFIGS = sorted((CONF / "tta").glob("*.yaml"))
+TTA_KNOBS = {"tent": {"tta.optimizer.lr", "tta.steps"}, "t3a": {"tta.filter_k"},
+             "adanpc": {"tta.k", "tta.tau", "tta.beta"}, "itta": {"tta.optimizer.lr"},
+             "drm": {"tta.optimizer.lr", "tta.steps", "tta.beta", "tta.gamma"},
+             "bn_adapt": set(), "none": set()}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", TTA_CONFIGS, ids=lambda p: p.stem)
+def test_every_tta_search_space_is_valid_and_its_draws_build(tiny_cfg, path):
+    cfg = tiny_cfg(f"tta={path.stem}", "~method.search")  # the TTA's keys alone
+    assert {k for k in check_spaces(cfg) if k.startswith("tta.")} == TTA_KNOBS[path.stem]
+    defaults = OmegaConf.to_container(cfg.tta)
+    assert apply_hparams_seed(cfg) == {} and OmegaConf.to_container(cfg.tta) == defaults  # seed 0: the defaults
+    drawn = tiny_cfg(f"tta={path.stem}", "~method.search", "hparams_seed=7")
+    draws = apply_hparams_seed(drawn)
+    assert set(draws) == TTA_KNOBS[path.stem]
+    for key, value in draws.items():
+        assert OmegaConf.select(drawn, key) == value
+        spec = search_spaces(drawn)[key]
+        assert value in spec["values"] if spec["dist"] == "choice" else spec["low"] <= value <= spec["high"]
+    tta = instantiate(without_search(drawn.tta))  # the drawn values are valid arguments
+    if "tta.filter_k" in draws:
+        assert tta.filter_k == draws["tta.filter_k"]
+
+
+def test_tta_draws_are_keyed_like_the_others_and_leave_them_unchanged(tiny_cfg):
+    alone = apply_hparams_seed(tiny_cfg("method=dann", "hparams_seed=5"))
+    with_tta = apply_hparams_seed(tiny_cfg("method=dann", "tta=tent", "hparams_seed=5"))
+    assert with_tta == {**alone, "tta.optimizer.lr": with_tta["tta.optimizer.lr"], "tta.steps": with_tta["tta.steps"]}
+    assert with_tta == apply_hparams_seed(tiny_cfg("method=dann", "tta=tent", "hparams_seed=5"))  # deterministic
+    # the draw is the hash-seeded draw of its full key, as for every other key
+    spec = {"dist": "log_uniform", "low": 1.0e-4, "high": 1.0e-2}
+    assert with_tta["tta.optimizer.lr"] == draw(spec, seed_hash(5, "tta.optimizer.lr"))
+    lrs = {apply_hparams_seed(tiny_cfg("tta=tent", f"hparams_seed={n}"))["tta.optimizer.lr"] for n in range(1, 9)}
+    assert len(lrs) == 8 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
+
+
+def test_a_tta_search_key_the_tta_does_not_take_is_refused(tiny_cfg):
+    cfg = tiny_cfg("tta=t3a", "+tta.search.k={dist:choice,values:[5]}")
+    with pytest.raises(ValueError, match=r"'tta.k' is not in the config .*dgkit.tta.T3A takes: filter_k"):
+        apply_hparams_seed(cfg)  # checked before any run, hparams_seed=0 included
+
+
+def test_a_drawn_tta_is_recorded_and_used(tiny_cfg, tmp_path):
+    final = train(tiny_cfg("tta=t3a", "hparams_seed=3", "~method.search", out="drawn"))
+    run = json.loads((tmp_path / "drawn" / "run.json").read_text())
+    k = run["draws"]["tta.filter_k"]
+    assert set(run["draws"]) == {"tta.filter_k"} and k in (1, 5, 20, 50, 100, -1)
+    result = json.loads((tmp_path / "drawn" / "tta" / "t3a_bs64.json").read_text())
+    assert result["tta_config"]["filter_k"] == k and "search" not in result["tta_config"]
+    assert "t3a" in final["tta"]
