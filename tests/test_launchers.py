@@ -134,3 +134,25 @@ def test_ddp_inside_a_multirun_splits_the_data_and_writes_once(tmp_path):
     assert max((ddp[k] - same[k]).abs().max().item() for k in ddp) > 1e-3
     ddp_records = read_jsonl(job / "results.jsonl")
     assert ddp_records == read_jsonl(tmp_path / "one_process_2b" / "results.jsonl")  # synchronised metrics
+
+
+def test_optuna_maximises_training_domain_validation(tmp_path):
+    """``hydra/sweeper=optuna_source_val``: every trial's value is its source validation score (recomputed here
+    from its records: the best mean source ``out`` accuracy), and the study's best is the trial that maximises it."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    import yaml
+
+    lr = "method.optimizer.lr=tag(log, interval(1e-4, 1e-1))"
+    status, output = _sweep(tmp_path, "hydra/sweeper=optuna_source_val", "hydra.sweeper.n_trials=3", lr)
+    assert status == 0, output[-3000:]
+    scores = {}
+    for run in (tmp_path / "sweep").glob("*/run.json"):
+        records = read_jsonl(run.parent / "results.jsonl")
+        source_val = max((r["acc/a/out"] + r["acc/b/out"]) / 2 for r in records)  # held out: c
+        lr_value = yaml.safe_load((run.parent / "config.yaml").read_text())["method"]["optimizer"]["lr"]
+        scores[lr_value] = source_val
+        assert json.loads((run.parent / "final.json").read_text())["val_score"] == pytest.approx(source_val)
+    assert len(scores) == 3
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(scores.values()))
+    assert scores[best["best_params"]["method.optimizer.lr"]] == pytest.approx(max(scores.values()))
