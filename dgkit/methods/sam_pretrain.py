@@ -42,7 +42,7 @@ def focal_per_mask(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.
     Returns:
         ``(N, M)``.
     """
-    target = target.expand_as(logits).float()
+    target = target.expand_as(logits).to(logits.dtype)
     p = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p_t = p * target + (1 - p) * (1 - target)
@@ -52,7 +52,7 @@ def focal_per_mask(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.
 
 def dice_per_mask(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
     """Soft Dice loss ``1 - (2 Σ p t + s) / (Σ p + Σ t + s)`` on sigmoid probabilities, per mask ``(N, M)``."""
-    target = target.expand_as(logits).float()
+    target = target.expand_as(logits).to(logits.dtype)
     p = logits.sigmoid().flatten(2)
     t = target.flatten(2)
     return 1 - (2 * (p * t).sum(-1) + smooth) / (p.sum(-1) + t.sum(-1) + smooth)
