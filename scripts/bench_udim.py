@@ -12,8 +12,9 @@ same backbone, data, batch and thread count; UDIM with ``warmup_steps=0`` so tha
   direction).
 
 Timing: the variants alternate (``--repeats`` rounds of one fit each), every training step is timed from
-``on_train_batch_start`` to ``on_train_batch_end`` (``scripts/bench_methods.py``'s timer), the first
-``--warmup`` steps of each fit are dropped, and the medians give the ratios. Profile: one more fit per variant,
+``on_train_batch_start`` to ``on_train_batch_end`` (``scripts/bench_methods.py``'s span) on two clocks, the
+main thread's CPU time (steady under load with one thread) and the wall clock; the first ``--warmup`` steps
+of each fit are dropped, and the medians give the ratios. Profile: one more fit per variant,
 ``torch.profiler`` (CPU) over ``--profile-steps`` steps after the warm-up; the tables give milliseconds per
 step: the aten operators with the most self time, and UDIM's phases (``record_function`` labels in udim.py).
 
@@ -31,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -46,6 +48,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_methods  # noqa: E402
 
 from dgkit.compose import build, build_trainer  # noqa: E402
+from dgkit.methods.udim import perturb_instances  # noqa: E402
 from dgkit.utils.cli import parse_with_overrides  # noqa: E402
 
 BEFORE = "45ac19878b78ad2b260a28c26358127e205feecc"  # the last commit of udim.py before the optimisation
@@ -59,6 +62,7 @@ VARIANTS: dict[str, list[str]] = {
     "udim_fd": ["method=udim", "method.input_gradient=finite_difference"],
 }
 UDIMS = ("udim_before", "udim_exact", "udim_fd")
+CLOCKS = ("wall", "cpu")  # the order time_variant returns them in
 
 
 def load_before(rev: str, folder: Path) -> None:
@@ -81,6 +85,38 @@ def _cfg(args: argparse.Namespace, variant: str, out: Path):
             for key in NEW_KEYS:
                 cfg.method.pop(key, None)
     return cfg
+
+
+class _StepClocks(pl.Callback):
+    """Wall-clock and CPU seconds (this thread's: ``time.thread_time``) of every training step, batch start to
+    batch end (``scripts/bench_methods.py``'s span). With one thread, CPU time leaves out the time the scheduler
+    gives other processes, so it is the steadier of the two on a loaded machine."""
+
+    def __init__(self) -> None:
+        self.start = (0.0, 0.0)
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def on_train_batch_start(self, *args) -> None:
+        """Start both clocks."""
+        self.start = (time.perf_counter(), time.thread_time())
+
+    def on_train_batch_end(self, *args) -> None:
+        """Record the step."""
+        self.wall.append(time.perf_counter() - self.start[0])
+        self.cpu.append(time.thread_time() - self.start[1])
+
+
+def time_variant(args: argparse.Namespace, variant: str, out: Path) -> tuple[list[float], list[float]]:
+    """``(wall, cpu)`` seconds per step of one Lightning fit of ``variant``, the first ``--warmup`` steps dropped."""
+    cfg = _cfg(args, variant, out)
+    pl.seed_everything(0, verbose=False)
+    datamodule, method = build(cfg)
+    trainer = build_trainer(cfg, out, {}, method)
+    clocks = _StepClocks()
+    trainer.callbacks.append(clocks)
+    trainer.fit(method, datamodule=datamodule)
+    return clocks.wall[args.warmup :], clocks.cpu[args.warmup :]
 
 
 class _Profiled(pl.Callback):
@@ -122,6 +158,43 @@ def profile_variant(args: argparse.Namespace, variant: str, out: Path) -> tuple[
     return ops, phases
 
 
+class _Directions(pl.Callback):
+    """At every training step: the cosine between the exact ``∇_x Φ`` and ``∇_x ℓ(θ + ε)`` (finite_difference,
+    ``fd_step=null``), and between the perturbations ``x̃ - x`` they give (after ``perturb_norm``)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, float, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        """Both directions on this step's batch at the current parameters (before the step)."""
+        x, y = pl_module.concat(batch)
+        exact = pl_module.instance_gradient(x, y)[2]
+        _, grads, _, _ = pl_module.source_gradient(x, y)
+        fd = pl_module.input_gradient_at(x, y, grads, pl_module.rho)
+        move = [perturb_instances(x, d, pl_module.rho_x, pl_module.perturb_norm) - x for d in (exact, fd)]
+        cos = torch.nn.functional.cosine_similarity
+        self.rows.append(
+            (
+                batch_idx,
+                float(cos(exact.flatten(), fd.flatten(), dim=0)),
+                float(cos(*(m.flatten() for m in move), dim=0)),
+            )
+        )
+
+
+def direction_cosines(args: argparse.Namespace, out: Path) -> list[tuple[int, float, float]]:
+    """:class:`_Directions` over a ``udim_exact`` fit of ``--direction-steps`` steps from initialisation."""
+    cfg = _cfg(args, "udim_exact", out)
+    cfg.trainer.max_steps = args.direction_steps
+    pl.seed_everything(0, verbose=False)
+    datamodule, method = build(cfg)
+    trainer = build_trainer(cfg, out, {}, method)
+    directions = _Directions()
+    trainer.callbacks.append(directions)
+    trainer.fit(method, datamodule=datamodule)
+    return directions.rows
+
+
 def op_table(ops: dict[str, dict[str, float]], rows: int) -> str:
     """Markdown: the ``rows`` operators with the most self time in the first UDIM variant, the rest, the total."""
     ref = ops[next((u for u in UDIMS if u in ops), list(ops)[-1])]
@@ -157,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of timed fits")
     p.add_argument("--profile-steps", type=int, default=3, help="profiled steps per variant (0: no profile)")
     p.add_argument("--rows", type=int, default=12, help="operators in the profile table")
+    p.add_argument("--direction-steps", type=int, default=0, help="steps of the direction-cosine fit (0: none)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--before", default=BEFORE, help="git revision of the 'before' udim.py (default: %(default)s)")
     p.epilog = "Hydra overrides (key=value, applied to every variant) may follow anywhere, or after --."
@@ -165,42 +239,49 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--steps={args.steps} must exceed --warmup={args.warmup}")
     variants = list(dict.fromkeys(["erm", "sam", *args.variants]))  # the references
     torch.set_num_threads(args.threads)
-    seconds: dict[str, list[float]] = defaultdict(list)
-    per_round: dict[str, list[float]] = defaultdict(list)
+    seconds = {clock: defaultdict(list) for clock in CLOCKS}
+    per_round = {clock: defaultdict(list) for clock in CLOCKS}
     with tempfile.TemporaryDirectory() as tmp:
         load_before(args.before, Path(tmp))
         for r in range(args.repeats):
             for v in variants:
-                out = Path(tmp) / f"{v}-{r}"
-                times = bench_methods.time_method(_cfg(args, v, out), out, args.warmup)
-                seconds[v] += times
-                per_round[v].append(statistics.median(times))
-                print(f"round {r} {v}: {per_round[v][-1]:.4f} s/step", flush=True)
+                for clock, times in zip(CLOCKS, time_variant(args, v, Path(tmp) / f"{v}-{r}")):
+                    seconds[clock][v] += times
+                    per_round[clock][v].append(statistics.median(times))
+                print(
+                    f"round {r} {v}: " + ", ".join(f"{c} {per_round[c][v][-1]:.4f} s/step" for c in CLOCKS), flush=True
+                )
         ops, phases = {}, {}
         if args.profile_steps > 0:
             for v in variants:
                 ops[v], phases[v] = profile_variant(args, v, Path(tmp) / f"{v}-profile")
-    median = {v: statistics.median(s) for v, s in seconds.items()}
+        cosines = direction_cosines(args, Path(tmp) / "directions") if args.direction_steps > 0 else []
     cpu = platform.processor() or platform.machine()
     print(f"\nmachine: {cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, "
           f"Python {platform.python_version()}, torch {torch.__version__}, threads={args.threads}, "
           f"load average {os.getloadavg()[0]:.2f}")  # fmt: skip
     print(f"config: +exp={args.exp} {' '.join(args.overrides)} ({args.steps} steps per fit, {args.warmup} warm-up, "
           f"{args.repeats} interleaved rounds; UDIM warmup_steps=0; before = {args.before[:10]})")  # fmt: skip
-    print(
-        "\n| variant | s/step (median) | ratio to ERM | ratio to SAM | per-round ratio to SAM |\n|---|---|---|---|---|"
+    header = (
+        "| variant | s/step (median) | ratio to ERM | ratio to SAM | per-round ratio to SAM |\n|---|---|---|---|---|"
     )
-    for v in variants:
-        rounds = [a / b for a, b in zip(per_round[v], per_round["sam"])]
-        spread = f"{min(rounds):.2f}-{max(rounds):.2f}"
-        print(
-            f"| {v} | {median[v]:.4f} | {median[v] / median['erm']:.2f} | {median[v] / median['sam']:.2f} | {spread} |"
-        )
+    for clock in CLOCKS:
+        median = {v: statistics.median(s) for v, s in seconds[clock].items()}
+        print(f"\n{clock} time per step (median over all timed steps; per-round ratio: min-max over rounds)\n")
+        print(header)
+        for v in variants:
+            rounds = [a / b for a, b in zip(per_round[clock][v], per_round[clock]["sam"])]
+            erm, sam = median[v] / median["erm"], median[v] / median["sam"]
+            print(f"| {v} | {median[v]:.4f} | {erm:.2f} | {sam:.2f} | {min(rounds):.2f}-{max(rounds):.2f} |")
     if ops:
         print(f"\nProfile ({args.profile_steps} steps per variant after {args.warmup} warm-up steps):\n")
         print(op_table(ops, args.rows))
         print()
         print(phase_table(phases))
+    if cosines:
+        print("\n| step (from init) | cos(exact ∇_x Φ, ∇_x ℓ(θ + ε)) | cos of the perturbations x̃ - x |\n|---|---|---|")
+        for step, grad_cos, move_cos in cosines:
+            print(f"| {step} | {grad_cos:.3f} | {move_cos:.3f} |")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ after ``warmup_steps`` plain SAM steps (:class:`~dgkit.methods.sharpness.Sharpne
 1. on the pooled source batch ``x``: ``ℓ = CE(f_θ(x), y)``, ``g = ∇_θ ℓ`` (with a graph), SAM's
    ``ε = ρ g / ||g||``, and ``∇_x Φ`` of ``Φ = ℓ + ρ ||g||₂`` by double back-propagation;
 2. ``x̃ = x + rho_x · normalize(∇_x Φ)`` (see ``perturb_norm``);
-3. the SAM gradient on the sources: ``∇_θ CE(θ + ε)`` (BN running statistics frozen);
+3. the SAM gradient on the sources: ``∇_θ CE(θ + ε)`` (BN running statistics frozen; ``θ + ε`` is built out
+   of place with ``torch.func.functional_call``, so step 1's graph stays usable in step 4);
 4. the inconsistency at ``θ`` on ``cat(x, x̃)``: per-sample gradients of each sample's CE with respect to
    the classifier head (``torch.func``: ``vmap`` over ``grad``), and per source domain
    ``penalty_var`` (Fishr's variance matching between source and perturbed samples, the perturbed ones
@@ -56,7 +57,8 @@ Choices where the notes or the official code are ambiguous (or buggy):
   source-validation accuracy (and its optimiser state), then starts UDIM. Here UDIM simply continues from
   the current parameters at ``warmup_steps`` (no reload: model selection stays the run's business);
   ``warmup_steps=null`` means ``int(warmup_fraction · trainer.max_steps)`` (0.2: the official 1/5).
-- one forward of ``cat(x, x̃)`` over all source domains gives the features; the penalty is then computed
+- one forward of ``cat(x, x̃)`` over all source domains gives the features (of ``x̃`` only when the source
+  features are shared, above); the penalty is then computed
   on each source domain's rows (``per_domain_inconsistency=true``, the official multi-source mode) and
   summed, or on the pooled batch (``false``: what the official scripts actually ran, their ``--is_single``
   flag being parsed as True from any string). Batch-norm layers see the 2B-sample batch in that forward.
