@@ -41,20 +41,21 @@ SIZE = 128
 MAX_OBJECTS = 8
 CLASSES = ("background", *(f"object_{i}" for i in range(1, MAX_OBJECTS + 1)))
 """Mask values: 0 background, ``k`` the k-th visible object (instance ids, not semantic classes)."""
+_GRID = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)  # (2, H, W): row and column of every pixel
 SHAPES = ("ellipse", "polygon", "star", "curve", "ring")
 FILLS = ("photo", "stripes", "noise", "flat")
 
 
 @cache
 def _photo(name: str) -> np.ndarray:
-    """A scikit-image photo as ``float32 (H, W, 3)`` in [0, 255] (grey ones repeated to 3 channels)."""
+    """A scikit-image photo as ``uint8 (H, W, 3)`` (grey ones repeated to 3 channels)."""
     import skimage.data
 
     img = getattr(skimage.data, name)()
     img = np.asarray(img[0] if isinstance(img, tuple) else img)  # stereo_motorcycle: (left, right, disparity)
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
-    return img[..., :3].astype(np.float32)
+    return np.ascontiguousarray(img[..., :3].astype(np.uint8))
 
 
 def generate(n_per_domain: int = 1000, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -119,7 +120,7 @@ def _crop(rng: np.random.Generator, name: str, size: int = SIZE) -> np.ndarray:
     h, w = img.shape[:2]
     side = int(rng.integers(min(48, h, w), min(h, w) + 1))
     y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    pil = Image.fromarray(img[y : y + side, x : x + side].astype(np.uint8)).resize((size, size), Image.BILINEAR)
+    pil = Image.fromarray(img[y : y + side, x : x + side]).resize((size, size), Image.BILINEAR)
     out = np.asarray(pil, np.float32)
     if rng.random() < 0.5:
         out = out[:, ::-1]
@@ -144,8 +145,8 @@ def _fill(rng: np.random.Generator, kind: str, names: tuple[str, ...]) -> np.nda
     c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
     if kind == "flat":
         return np.broadcast_to(c1 + rng.normal(0, 4, (SIZE, SIZE, 1)), (SIZE, SIZE, 3)).astype(np.float32)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     if kind == "stripes":
+        yy, xx = _GRID
         a, period = rng.uniform(0, math.pi), rng.uniform(4, 16)
         t = (0.5 + 0.5 * np.sin(2 * math.pi * (xx * math.cos(a) + yy * math.sin(a)) / period))[..., None]
     else:  # smooth noise: a coarse random grid upsampled
