@@ -11,8 +11,10 @@ init, Adam, cross-entropy on the concatenated batch) to give the loader's share 
 
 ``folder`` (issue 17): a JPEG tree of ``--images`` images (6 domains, 10 classes; written once under ``--tree``,
 never committed), trained at ``--size`` px with the ``imagenet`` policy and 0, 1, 2 workers: dgkit's DataModule
-against torchvision ``ImageFolder`` + ``DataLoader`` per source domain (DomainBed's layout), with the same PIL
-decode and the same albumentations pipeline. Images/s over ``--folder-steps`` steps after the workers started.
+against torchvision ``ImageFolder`` (one per source domain, concatenated) + one ``DataLoader`` with as many
+workers, the same PIL decode and the same albumentations pipeline. Images/s over ``--folder-steps`` steps after
+the workers started, and CPU time per image summed over the main process and its workers (robust to other jobs
+on the machine).
 
 ``memory``: resident memory (RSS, PSS, USS from ``/proc/<pid>/smaps_rollup``) of the main process and its loader
 workers: dgkit's DataModule with 2 workers after a few steps, and the file list's share: one loader with 2
@@ -50,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 from dgkit.backbones.base import DataConfig  # noqa: E402
 from dgkit.config import register_resolvers  # noqa: E402
 from dgkit.data import DGDataModule  # noqa: E402
-from dgkit.data.folder import ImageFileDataset, folder_benchmark, read_image  # noqa: E402
+from dgkit.data.folder import ImageFileDataset, folder_benchmark  # noqa: E402
 from dgkit.data.transforms import build_transform  # noqa: E402
 from dgkit.utils.cli import parse_with_overrides  # noqa: E402
 
@@ -144,9 +146,9 @@ def bench_in_memory(args: argparse.Namespace, overrides: list[str]) -> dict:
     times: dict[str, list[float]] = {m: [] for m in steps}
     for r in range(args.model_warmup + args.model_steps):  # interleaved over models
         for m, fn in steps.items():
-            w, _ = timed(fn)
+            _, c = timed(fn)  # CPU time, as the loader's: one thread, and robust to other jobs on the machine
             if r >= args.model_warmup:
-                times[m].append(w)
+                times[m].append(c)
     for m, t in times.items():
         models[m] = 1e3 * statistics.median(t)
     return {"images_per_step": images, "loader": loader, "model_ms": models, "shape": tuple(x.shape[1:])}
@@ -161,9 +163,10 @@ def print_in_memory(res: dict, args: argparse.Namespace) -> None:
         print(f"| {name} | {t['cpu_ms']:.2f} | {n / t['cpu_ms'] * 1e3:,.0f} | {t['cpu_ms'] / plain:.2f} |")
     ours = loader["dgkit (batch tensors)"]["cpu_ms"]
     old = loader["per-image albumentations"]["cpu_ms"]
-    print("\n| model | step ms | dgkit loader / model step | per-image loader / model step |\n|---|---:|---:|---:|")
+    print("\n| model | CPU ms / training step | dgkit loader / model step | per-image loader / model step |")
+    print("|---|---:|---:|---:|")
     for m, ms in res["model_ms"].items():
-        print(f"| {m} | {ms:.1f} | {ours / ms:.3f} | {old / ms:.3f} |")
+        print(f"| {m} | {ms:.0f} | {100 * ours / ms:.2f} % | {100 * old / ms:.2f} % |")
 
 
 # ---- folder benchmarks -------------------------------------------------------------------------------------------
@@ -196,28 +199,17 @@ class _AlbumentationsOnPil:
         return self.transform(image=np.asarray(image))["image"]
 
 
-def _pil_rgb(path: str) -> Image.Image:
-    return Image.fromarray(read_image(path))  # dgkit's decode, so both sides decode alike
-
-
-def imagefolder_loader(tree: Path, domains: list[str], size: int, batch: int, workers: int) -> Iterator[dict]:
-    """One torchvision ``ImageFolder`` + ``DataLoader`` per source domain (shuffled, endless), zipped."""
+def imagefolder_loader(tree: Path, domains: list[str], size: int, batch: int, workers: int) -> Iterator:
+    """torchvision ``ImageFolder`` per source domain, concatenated, in one shuffled endless ``DataLoader`` of
+    ``batch`` images per domain per step (the same images per step and worker processes as dgkit's loader)."""
     from torchvision.datasets import ImageFolder
 
     transform = _AlbumentationsOnPil(build_transform(DataConfig((size, size)), "imagenet", train=True))
-    loaders = {
-        d: torch.utils.data.DataLoader(
-            ImageFolder(str(tree / d), transform=transform, loader=lambda p: Image.open(p).convert("RGB")),
-            batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=workers > 0, drop_last=True,
-        )
-        for d in domains
-    }  # fmt: skip
-    iters = {d: itertools.cycle(loader) if workers == 0 else _endless(loader) for d, loader in loaders.items()}
-    while True:
-        yield {d: next(it) for d, it in iters.items()}
-
-
-def _endless(loader) -> Iterator:
+    dataset = torch.utils.data.ConcatDataset([ImageFolder(str(tree / d), transform=transform) for d in domains])
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch * len(domains), shuffle=True, num_workers=workers, persistent_workers=workers > 0,
+        drop_last=True,
+    )  # fmt: skip
     while True:
         yield from loader
 
@@ -229,20 +221,33 @@ def dgkit_folder_loader(tree: Path, size: int, batch: int, workers: int) -> Iter
     return iter(dm.train_dataloader())
 
 
-def images_per_s(it: Iterator, steps: int, warmup: int, per_step: int) -> float:
+def cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by this process and the processes ``pids``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = time.process_time()
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
+    return total
+
+
+def throughput(it: Iterator, steps: int, warmup: int, per_step: int) -> tuple[float, float]:
+    """``(images/s, CPU ms per image over the main process and its workers)`` over ``steps`` steps."""
     for _ in range(warmup):  # workers start and fill their prefetch queues
         next(it)
-    start = time.perf_counter()
+    pids = children()
+    start, cpu = time.perf_counter(), cpu_s(pids)
     for _ in range(steps):
         next(it)
-    return steps * per_step / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, cpu_s(pids) - cpu
+    return steps * per_step / wall, 1e3 * cpu / (steps * per_step)
 
 
 def bench_folder(args: argparse.Namespace) -> dict:
     tree = write_tree(Path(args.tree), args.images)
     sources = list(TREE_DOMAINS[:-1])
     per_step = len(sources) * args.folder_batch
-    rates: dict[tuple[str, int], list[float]] = {}
+    rates: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for _ in range(args.repeats):
         for w in args.workers:
             for name in ("dgkit", "ImageFolder"):
@@ -250,19 +255,21 @@ def bench_folder(args: argparse.Namespace) -> dict:
                     it = dgkit_folder_loader(tree, args.size, args.folder_batch, w)
                 else:
                     it = imagefolder_loader(tree, sources, args.size, args.folder_batch, w)
-                rates.setdefault((name, w), []).append(images_per_s(it, args.folder_steps, 1, per_step))
+                rates.setdefault((name, w), []).append(throughput(it, args.folder_steps, 2, per_step))
                 del it
                 gc.collect()
-    return {k: statistics.median(v) for k, v in rates.items()}
+    return {k: tuple(statistics.median(r[i] for r in v) for i in (0, 1)) for k, v in rates.items()}
 
 
 def print_folder(res: dict, args: argparse.Namespace) -> None:
     print(f"\n### Folder loader: {args.images} JPEGs, {args.size} px, imagenet policy, "
           f"{len(TREE_DOMAINS) - 1} source domains x {args.folder_batch}\n")  # fmt: skip
-    print("| workers | dgkit images/s | ImageFolder images/s | ratio |\n|---:|---:|---:|---:|")
+    print("| workers | dgkit images/s | ImageFolder images/s | ratio | dgkit CPU ms / image "
+          "| ImageFolder CPU ms / image | ratio (CPU per image, ImageFolder / dgkit) |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for w in args.workers:
-        a, b = res[("dgkit", w)], res[("ImageFolder", w)]
-        print(f"| {w} | {a:.0f} | {b:.0f} | {a / b:.2f} |")
+        (a, ca), (b, cb) = res[("dgkit", w)], res[("ImageFolder", w)]
+        print(f"| {w} | {a:.0f} | {b:.0f} | {a / b:.2f} | {ca:.2f} | {cb:.2f} | {cb / ca:.2f} |")
 
 
 # ---- memory --------------------------------------------------------------------------------------------------------
@@ -335,8 +342,7 @@ def print_memory(res: dict, args: argparse.Namespace) -> None:
     loader = res["loader"]
     total = {k: loader["main"][k] + sum(w[k] for w in loader["workers"]) for k in ("rss", "pss", "uss")}
     n_workers = len(loader["workers"])
-    print(f"\n### Memory: dgkit DataModule, data.num_workers=2, {args.images} paths ({n_workers} worker processes: "
-          f"2 per source domain)\n")  # fmt: skip
+    print(f"\n### Memory: dgkit DataModule, data.num_workers=2, {args.images} paths ({n_workers} worker processes)\n")
     print("| process | RSS MB | PSS MB | USS MB |\n|---|---:|---:|---:|")
     mean_worker = {k: statistics.mean(w[k] for w in loader["workers"]) for k in total}
     for name, m in (("main", loader["main"]), ("one worker (mean)", mean_worker), ("all", total)):

@@ -42,3 +42,35 @@ def test_bad_test_domains():
         _dm(test_domains=["z"])
     with pytest.raises(ValueError, match="holds out every domain"):
         _dm(test_domains=["a", "b", "c"])
+
+
+def _folder_dm(tmp_path, **kw):
+    from dgkit.data.benchmarks import folder
+    from tests.conftest import write_image_tree
+
+    tree = folder(write_image_tree(tmp_path / "tree", per_class=5, size=12), verify=False)
+    args = dict(test_domains=["night"], data_config=DataConfig((12, 12)), batch_size=3, augment="imagenet")
+    return DGDataModule(tree, **{**args, **kw})
+
+
+def test_per_image_steps_follow_every_domains_stream_and_workers_change_nothing(tmp_path):
+    """Folders: one loader serves every source domain; its batches are the per-image items at the streams' keys,
+    with or without workers, and data.num_workers=2 starts 2 worker processes, not 2 per domain."""
+    import multiprocessing
+
+    dm = _folder_dm(tmp_path)
+    assert not dm.batch_augment
+    it = iter(dm.train_dataloader())
+    batches = [next(it)[0] for _ in range(3)]
+    for d in dm.source_domains:
+        dataset, stream = dm.train_split(d), iter(dm.stream(d))
+        for batch in batches:
+            items = [dataset[next(stream)] for _ in range(3)]
+            assert torch.equal(batch[d][0], torch.stack([x for x, _ in items]))
+            assert batch[d][1].tolist() == [y for _, y in items]
+    pooled = _folder_dm(tmp_path / "again", num_workers=2)
+    it = iter(pooled.train_dataloader())
+    again = [next(it)[0] for _ in range(3)]
+    assert len(multiprocessing.active_children()) == 2  # one pool for both source domains
+    for a, b in zip(batches, again):
+        assert all(torch.equal(a[d][0], b[d][0]) and torch.equal(a[d][1], b[d][1]) for d in dm.source_domains)

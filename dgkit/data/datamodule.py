@@ -8,8 +8,11 @@ Training is reproducible and resumes exactly. Each source domain's images come f
 ``k``-th image of the stream is augmented by a generator seeded by ``(seed, domain, k, view)``, in the main
 process and in workers alike. Step ``s`` takes stream positions ``[s·B, (s+1)·B)``, so a run resumed at step
 ``s`` (``trainer.global_step`` restored from the checkpoint) draws exactly the batches and augmentations the
-uninterrupted run drew. Validation yields, in :func:`eval_splits` order, the ``in`` and ``out`` split of every domain,
-sources and held-out ones alike, so any selection rule can be applied after training.
+uninterrupted run drew. In-memory domains (the embedded benchmarks) are augmented as whole batches instead
+(:mod:`dgkit.data.batch_augment`): the batch at stream positions ``[p, p+B)`` draws from one generator seeded by
+``(seed, domain, "batch", p, view)``; the path is chosen from the dataset type (``batch_augment``). Validation
+yields, in :func:`eval_splits` order, the ``in`` and ``out`` split of every domain, sources and held-out ones
+alike, so any selection rule can be applied after training.
 
 Self-supervised methods ask for ``views`` > 1: each training image then comes as ``views`` independent draws
 of the training augmentation and a domain's batch is ``(x (V, B, C, H, W), y)``. ``labels_per_class`` keeps
@@ -24,6 +27,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterator, Sequence
+from functools import partial
 
 import numpy as np
 import pytorch_lightning as pl
@@ -146,6 +150,41 @@ def _collate_views(items: list) -> tuple[torch.Tensor, torch.Tensor]:
     """Collate multi-view items into ``(x (V, B, C, H, W), y (B,))``: ``x[v]`` is one view column."""
     x, y = default_collate(items)  # x: (B, V, C, H, W)
     return x.transpose(0, 1), y
+
+
+class SourceDomains(Dataset):
+    """Every source domain's training split (:class:`TransformedDataset`), indexed by ``(domain, index, draw)``."""
+
+    def __init__(self, splits: dict[str, TransformedDataset]) -> None:
+        self.splits = splits
+        self.views = max((s.views for s in splits.values()), default=1)
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.splits.values())
+
+    def __getitem__(self, key: tuple[str, int, int]):
+        domain, index, draw = key
+        return self.splits[domain][(index, draw)]
+
+
+class StepSampler(Sampler):
+    """One training step's keys per item: ``batch_size`` keys of every domain's :class:`DomainStream`, domains in
+    order. One loader (and one pool of ``data.num_workers`` workers) then serves all source domains, each worker
+    building whole steps."""
+
+    def __init__(self, streams: dict[str, DomainStream], batch_size: int) -> None:
+        self.streams, self.batch_size = streams, batch_size
+
+    def __iter__(self) -> Iterator[list[tuple[str, int, int]]]:
+        keys = {d: iter(stream) for d, stream in self.streams.items()}
+        while True:
+            yield [(d, *next(it)) for d, it in keys.items() for _ in range(self.batch_size)]
+
+
+def collate_step(items: list, domains: Sequence[str], batch_size: int, views: int = 1) -> dict:
+    """A step's items (:class:`StepSampler` order) as ``{domain: (x, y)}``, each collated like a domain's batch."""
+    collate = _collate_views if views > 1 else default_collate
+    return {d: collate(items[k * batch_size : (k + 1) * batch_size]) for k, d in enumerate(domains)}
 
 
 def labels_of(dataset: Dataset) -> np.ndarray:
@@ -388,17 +427,28 @@ class DGDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> CombinedLoader:
-        """One endless loader per source domain (:meth:`train_split` in :class:`DomainStream` order), combined so
-        each step has a batch from each; a resumed run starts at its restored step's stream position."""
+        """Endless training batches ``{domain: (x, y)}``, every source domain's :class:`DomainStream` in step;
+        a resumed run starts at its restored step's stream position. In-memory domains: one
+        :class:`~dgkit.data.batch_augment.BatchLoader` per domain; others: one loader over every source domain
+        (:meth:`train_split` items, :class:`StepSampler` keys), so ``data.num_workers`` is the number of worker
+        processes whatever the number of domains."""
         trainer = self.trainer
         step = trainer.global_step if trainer is not None else 0
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         streams = {d: self.stream(d, step * self.batch_size * world, rank, world) for d in self.source_domains}
         if self.batch_augment:
             loaders = {d: self.batch_loader(d, streams[d]) for d in self.source_domains}
-        else:
-            loaders = {d: self._loader(self.train_split(d), True, streams[d]) for d in self.source_domains}
-        return CombinedLoader(loaders, mode="max_size_cycle")
+            return CombinedLoader(loaders, mode="max_size_cycle")
+        dataset = SourceDomains({d: self.train_split(d) for d in self.source_domains})
+        loader = DataLoader(
+            dataset,
+            batch_sampler=StepSampler(streams, self.batch_size),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=partial(collate_step, domains=self.source_domains, batch_size=self.batch_size,
+                               views=self.views),
+        )  # fmt: skip
+        return CombinedLoader(loader, mode="max_size_cycle")  # one loader: its batch is already {domain: (x, y)}
 
     def batch_loader(self, domain: str, stream: DomainStream | None = None) -> BatchLoader:
         """A source domain's training batches augmented as tensors (:mod:`dgkit.data.batch_augment`), over
