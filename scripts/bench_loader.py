@@ -12,9 +12,10 @@ init, Adam, cross-entropy on the concatenated batch) to give the loader's share 
 ``folder`` (issue 17): a JPEG tree of ``--images`` images (6 domains, 10 classes; written once under ``--tree``,
 never committed), trained at ``--size`` px with the ``imagenet`` policy and 0, 1, 2 workers: dgkit's DataModule
 against torchvision ``ImageFolder`` (one per source domain, concatenated) + one ``DataLoader`` with as many
-workers, the same PIL decode and the same albumentations pipeline. Images/s over ``--folder-steps`` steps after
-the workers started, and CPU time per image summed over the main process and its workers (robust to other jobs
-on the machine).
+workers and the same albumentations pipeline on the same pixels (torchvision decodes with PIL; dgkit decodes
+JPEGs with OpenCV, which gives PIL's pixels faster: ``tests/test_bench_loader.py``). Images/s over
+``--folder-steps`` steps after the workers started, and CPU time per image summed over the main process and its
+workers (robust to other jobs on the machine).
 
 ``memory``: resident memory (RSS, PSS, USS from ``/proc/<pid>/smaps_rollup``) of the main process and its loader
 workers: dgkit's DataModule with 2 workers after a few steps, and the file list's share: one loader with 2
@@ -190,7 +191,7 @@ def write_tree(root: Path, images: int, classes: int = 10, seed: int = 0) -> Pat
 
 
 class _AlbumentationsOnPil:
-    """torchvision's ``ImageFolder`` hands a PIL image: the same array dgkit decodes, then the same pipeline."""
+    """torchvision's ``ImageFolder`` hands a PIL image: its array is the one dgkit decodes; then the same pipeline."""
 
     def __init__(self, transform) -> None:
         self.transform = transform

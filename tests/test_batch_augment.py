@@ -193,3 +193,18 @@ def test_per_image_path_still_trains_from_keys():
     assert isinstance(dm.train_split("a"), TransformedDataset)
     x, _ = next(iter(dm.train_dataloader()))[0]["a"]
     assert x.shape == (8, 3, 20, 20)
+
+
+def test_no_augmentation_trains_identically_on_both_paths(tiny_cfg, tmp_path):
+    """Records and weights equal with ``data.augment=none``, BSS drawing from torch's global generator included:
+    the batch path takes the global draws the per-image loader's iterator takes."""
+    from dgkit.run import train
+
+    overrides = ("data.augment=none", "+augment=bss", "augment.bss.seed=null", "trainer.max_steps=3")
+    train(tiny_cfg(*overrides, out="batch"))
+    train(tiny_cfg(*overrides, "+data.batch_augment=false", out="per_image"))
+    records = [(tmp_path / out / "results.jsonl").read_text() for out in ("batch", "per_image")]
+    assert records[0] == records[1]
+    weights = [torch.load(tmp_path / o / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for o in
+               ("batch", "per_image")]  # fmt: skip
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -95,3 +95,29 @@ def test_memory_fields_are_consistent():
     m = bench_loader.memory_kb(os.getpid())
     assert 0 < m["uss"] <= m["rss"] and 0 < m["pss"] <= m["rss"]
     assert np.isfinite(list(m.values())).all()
+
+
+@pytest.mark.parametrize(
+    ("mode", "options"),
+    [("RGB", {"subsampling": 2}), ("RGB", {"subsampling": 0}), ("RGB", {"subsampling": 1, "quality": 50}),
+     ("RGB", {"progressive": True}), ("L", {}), ("CMYK", {}), ("RGB", {"orientation": 6})],
+)  # fmt: skip
+def test_jpeg_decode_gives_pils_pixels(tmp_path, mode, options):
+    """dgkit decodes JPEGs with OpenCV (faster); the pixels are PIL's, EXIF orientation ignored as PIL does."""
+    from PIL import Image
+
+    from dgkit.data.folder import read_image
+
+    rng = np.random.default_rng(0)
+    coarse = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize((47, 33), Image.BICUBIC)
+    noisy = np.clip(np.asarray(coarse).astype(int) + rng.integers(-20, 21, (33, 47, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(noisy).convert(mode)
+    options = dict(options)
+    if "orientation" in options:
+        exif = Image.Exif()
+        exif[0x0112] = options.pop("orientation")
+        options["exif"] = exif.tobytes()
+    image.save(tmp_path / "x.jpg", **options)
+    with Image.open(tmp_path / "x.jpg") as img:
+        expected = np.asarray(img.convert("RGB"))
+    assert np.array_equal(read_image(tmp_path / "x.jpg"), expected)

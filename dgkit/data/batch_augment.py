@@ -27,7 +27,7 @@ drew, as with per-image seeds; but a batch's augmentation depends on the batch s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import albumentations as A
@@ -288,6 +288,16 @@ class BatchLoader:
         ]
         return (xs[0] if self.views == 1 else torch.stack(xs)), torch.from_numpy(self.labels.take(idx))
 
-    def __iter__(self):
-        for idx, draw in self.stream.blocks():
-            yield self.batch(idx, draw)
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        consume_loader_seed()  # when iter() is called, as a DataLoader does: the global stream stays the per-image one
+        return (self.batch(idx, draw) for idx, draw in self.stream.blocks())
+
+
+def consume_loader_seed(n: int = 1) -> None:
+    """Take ``n`` draws from torch's global generator, as each ``DataLoader`` iterator does for its base seed.
+
+    What else draws from the global generator during training (dropout, BSS without a seed) then sees the same
+    stream whichever loader built the batches, so ``data.augment=none`` trains identically on both paths.
+    """
+    for _ in range(n):
+        torch.empty((), dtype=torch.int64).random_()

@@ -36,7 +36,7 @@ from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
 from dgkit.backbones.base import DataConfig
-from dgkit.data.batch_augment import BatchAugment, BatchLoader
+from dgkit.data.batch_augment import BatchAugment, BatchLoader, consume_loader_seed
 from dgkit.data.benchmark import Benchmark, eval_splits, resolve_test_domains, seed_hash, split_indices
 from dgkit.data.crafted import CraftedShiftDataset, check_families
 from dgkit.data.transforms import build_transform
@@ -179,6 +179,17 @@ class StepSampler(Sampler):
         keys = {d: iter(stream) for d, stream in self.streams.items()}
         while True:
             yield [(d, *next(it)) for d, it in keys.items() for _ in range(self.batch_size)]
+
+
+class _GlobalDraws:
+    """Iterates ``loader`` after ``draws`` draws of torch's global generator (:func:`consume_loader_seed`)."""
+
+    def __init__(self, loader: DataLoader, draws: int) -> None:
+        self.loader, self.draws = loader, draws
+
+    def __iter__(self) -> Iterator:
+        consume_loader_seed(self.draws)
+        return iter(self.loader)
 
 
 def collate_step(items: list, domains: Sequence[str], batch_size: int, views: int = 1) -> dict:
@@ -448,7 +459,9 @@ class DGDataModule(pl.LightningDataModule):
             collate_fn=partial(collate_step, domains=self.source_domains, batch_size=self.batch_size,
                                views=self.views),
         )  # fmt: skip
-        return CombinedLoader(loader, mode="max_size_cycle")  # one loader: its batch is already {domain: (x, y)}
+        # one loader: its batch is already {domain: (x, y)}; the draws keep the global random stream of the
+        # one-loader-per-domain layout this replaced
+        return CombinedLoader(_GlobalDraws(loader, len(self.source_domains) - 1), mode="max_size_cycle")
 
     def batch_loader(self, domain: str, stream: DomainStream | None = None) -> BatchLoader:
         """A source domain's training batches augmented as tensors (:mod:`dgkit.data.batch_augment`), over

@@ -14,12 +14,14 @@ resumed or skipped into with other data, while a moved copy of the same tree kee
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -101,10 +103,27 @@ def read_image(path: str | Path) -> np.ndarray:
         RuntimeError: the file cannot be read as an image (its name is given).
     """
     try:
-        with Image.open(path) as img:
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as img:  # the header only, until pixels are asked for
+            if img.format == "JPEG" and img.mode in _CV2_JPEG_MODES:
+                decoded = _decode_jpeg(data)
+                if decoded is not None:
+                    return decoded
             return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))  # convert() copies even RGB
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise RuntimeError(f"cannot read image {path}: {e}") from e
+
+
+_CV2_JPEG_MODES = ("RGB", "L")  # CMYK and YCCK JPEGs: PIL's colour conversion, which OpenCV does not share
+
+
+def _decode_jpeg(data: bytes) -> np.ndarray | None:
+    """A JPEG decoded by OpenCV: the same pixels as PIL's decoder (both libjpeg-turbo, integer IDCT, fancy
+    upsampling; tested on 4:2:0, 4:4:4, progressive and grayscale files), about twice as fast on our machines.
+    EXIF orientation is ignored, as PIL does. ``None`` when OpenCV cannot decode it (PIL then does)."""
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def image_problem(path: Path) -> str | None:
