@@ -14,6 +14,7 @@ the count is the number of jobs ``train.py -m`` launches. :func:`plan` then says
 from __future__ import annotations
 
 import itertools
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -73,6 +74,26 @@ def compose_job(job: list[str]) -> DictConfig:
         return compose("train", overrides=job)
 
 
+def _data_overrides(job: list[str]) -> tuple[str, ...]:
+    """The overrides that can change a job's data node (its dataset and held-out domains): ``data*`` and
+    experiment presets. Jobs that share them share their held-out domains, so one composition serves them all."""
+    return tuple(o for o in job if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] in ("data", "exp"))
+
+
+def held_out_domains(jobs: list[list[str]], domains: list[str]) -> dict[tuple[str, ...], tuple[str, ...]]:
+    """Each job's held-out domains, composing the config once per distinct set of data overrides (a sweep of
+    1,440 jobs over 4 folds composes 4 configs, not 1,440)."""
+    register_resolvers()
+    cache: dict[tuple[str, ...], tuple[str, ...]] = {}
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        for job in jobs:
+            key = _data_overrides(job)
+            if key not in cache:
+                composed = compose("train", overrides=list(key))
+                cache[key] = tuple(resolve_test_domains(composed.data.test_domains, domains))
+    return {tuple(job): cache[_data_overrides(job)] for job in jobs}
+
+
 def _with_test_domains(job: list[str], held_out: tuple[str, ...]) -> list[str]:
     rest = [o for o in job if not o.split("=", 1)[0].lstrip("+") == TEST_DOMAINS]
     return [*rest, f"{TEST_DOMAINS}=[{','.join(held_out)}]"]
@@ -89,7 +110,7 @@ def plan(overrides: list[str], probe_steps: int = 0) -> SweepPlan:
     first = compose_job(jobs[0])
     data = instantiate(first.data, _partial_=True)(data_config=None, split_seed=0)
     domains = list(data.domains)
-    held = {tuple(job): tuple(resolve_test_domains(compose_job(job).data.test_domains, domains)) for job in jobs}
+    held = held_out_domains(jobs, domains)
     single = [job for job in jobs if len(held[tuple(job)]) == 1]
     present = {(tuple(sorted(_others(job))), frozenset(held[tuple(job)])) for job in jobs}
     required: dict[tuple, list[str]] = {}  # every pair run leave-one-domain-out needs, once
@@ -154,14 +175,49 @@ def probe(cfg: DictConfig, steps: int) -> tuple[float, float]:
 
 
 def pair_command(needed: list[list[str]]) -> str | None:
-    """A multirun command that trains the missing pair runs (grouped by their other overrides), or ``None``."""
+    """Multirun commands that train the missing pair runs, or ``None``.
+
+    Jobs are grouped by their other overrides; groups that miss the same pairs and whose other overrides form a
+    cartesian product (the usual sweep: draws x seeds x methods) become one command with comma-separated values,
+    so the command count does not grow with the sweep."""
     if not needed:
         return None
-    lines = []
+    by_pairs: dict[str, list[list[str]]] = {}
     for others, group in itertools.groupby(sorted(needed, key=_others), key=_others):
         pairs = ",".join(f"[{','.join(_pair_of(j))}]" for j in group)
-        lines.append(f"python train.py -m {' '.join(_quote(o) for o in others)} '{TEST_DOMAINS}={pairs}'")
+        by_pairs.setdefault(pairs, []).append(others)
+    lines = []
+    for pairs, others_lists in by_pairs.items():
+        for others in _cartesian(others_lists):
+            lines.append(f"python train.py -m {' '.join(_quote(o) for o in others)} '{TEST_DOMAINS}={pairs}'")
     return "\n".join(lines)
+
+
+def _cartesian(others_lists: list[list[str]]) -> list[list[str]]:
+    """``others_lists`` as multirun overrides: one list with ``key=v1,v2`` when the lists are exactly the product of
+    their keys' values (same keys in the same order, no value holding a comma), else the lists unchanged."""
+    keys = [[o.split("=", 1)[0] for o in others] for others in others_lists]
+    if len(others_lists) < 2 or any(k != keys[0] for k in keys):
+        return others_lists
+    values: list[list[str]] = [[] for _ in keys[0]]
+    for others in others_lists:
+        for i, o in enumerate(others):
+            value = o.split("=", 1)[1] if "=" in o else None
+            if value is None or "," in value:
+                return others_lists
+            if value not in values[i]:
+                values[i].append(value)
+    if math.prod(len(v) for v in values) != len({tuple(o) for o in others_lists}):
+        return others_lists
+    return [[f"{k}={','.join(sorted(v, key=_natural))}" for k, v in zip(keys[0], values, strict=True)]]
+
+
+def _natural(value: str) -> tuple[int, float, str]:
+    """Sort key: numbers by value, before anything else by text."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
 
 
 def _quote(override: str) -> str:

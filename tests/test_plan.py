@@ -41,3 +41,29 @@ def test_probe_estimates_the_sweep(tmp_path):
     assert planned.steps_per_job == 4 and planned.evaluations_per_job == 2  # TINY: 4 steps, evaluation every 2
     expected = (planned.seconds_per_step * 4 + planned.seconds_per_evaluation * 2) * 2 / 3600
     assert planned.cpu_hours == pytest.approx(expected)
+
+
+def test_pair_runs_of_a_cartesian_sweep_are_one_command():
+    from dgkit.plan import pair_command
+
+    needed = [
+        [f"seed={s}", f"hparams_seed={h}", f"data.test_domains=[{p}]"]
+        for s in (0, 1) for h in (0, 1, 2) for p in ("a,b", "a,c")
+    ]  # fmt: skip
+    assert pair_command(needed) == "python train.py -m 'seed=0,1' 'hparams_seed=0,1,2' 'data.test_domains=[a,b],[a,c]'"
+    # not a product (seed 1 lacks draw 2): one command per combination, nothing invented
+    partial = [job for job in needed if job[:2] != ["seed=1", "hparams_seed=2"]]
+    lines = pair_command(partial).splitlines()
+    assert len(lines) == 5 and all("'data.test_domains=[a,b],[a,c]'" in line for line in lines)
+
+
+def test_held_out_domains_compose_once_per_data_override(monkeypatch):
+    import dgkit.plan as plan_module
+
+    calls = []
+    real = plan_module.compose
+    monkeypatch.setattr(plan_module, "compose", lambda *a, **k: calls.append(k["overrides"]) or real(*a, **k))
+    jobs = plan_module.expand([*TINY, "data.test_domains=[a],[b]", "seed=0,1,2", "hparams_seed=range(0,3)"])
+    held = plan_module.held_out_domains(jobs, ["a", "b", "c"])
+    assert len(jobs) == 18 and len(calls) == 2
+    assert sorted(set(held.values())) == [("a",), ("b",)]
