@@ -6,7 +6,8 @@ selected step) and ``done`` (written last). Rerunning a command resumes from ``l
 (``done``) is skipped.
 
 - **Identity.** Everything that changes the result: the config's id without the step budget, the seed, the
-  held-out domains, the data's fingerprint and the device count (:data:`IDENTITY_KEYS`). A folder holding a
+  held-out domains, the data's fingerprint, the training-augmentation path (``batch`` tensors or ``per_image``
+  albumentations: they draw different augmentations) and the device count (:data:`IDENTITY_KEYS`). A folder holding a
   run of another identity is never resumed or skipped into: the run stops, naming what differs and how to go
   on. The step budget is checked apart (:func:`dgkit.run.train`): a run can be extended to more steps when
   nothing in it depends on the budget.
@@ -36,8 +37,10 @@ from dgkit.utils.io import atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 RESUME_MODES = ("auto", "true", "false")
-IDENTITY_KEYS = ("config", "seed", "test_domains", "data_fingerprint", "devices")
+IDENTITY_KEYS = ("config", "seed", "test_domains", "data_fingerprint", "augment_path", "devices")
 """The ``run.json`` keys that must match for a folder to be resumed or skipped into."""
+LEGACY_IDENTITY = {"augment_path": "per_image"}
+"""What a ``run.json`` written before a key existed had: every run augmented per image before batch augmentation."""
 _CLAIMING = ("results.jsonl", "final.json", "done", "checkpoints/last.ckpt", "checkpoints/best.ckpt")
 
 
@@ -186,7 +189,8 @@ class RunFolder:
         keys = list(IDENTITY_KEYS)
         if "config" not in old:  # written before the identity was recorded: compare the hyper-parameter id
             keys[0] = "hparams"
-        # keys an older run.json lacks cannot be compared (folders written before they were recorded)
+        old = {**LEGACY_IDENTITY, **old}
+        # other keys an older run.json lacks cannot be compared (folders written before they were recorded)
         changed = [k for k in keys if k in identity and old.get(k) is not None and old[k] != identity[k]]
         if changed:
             details = "; ".join(f"{k}: {old[k]} there, {identity[k]} now" for k in changed)

@@ -130,6 +130,28 @@ def test_other_data_is_refused_and_a_moved_copy_is_the_same_run(tmp_path):
     assert final["data_fingerprint"] == json.loads((tmp_path / "run" / "run.json").read_text())["data_fingerprint"]
 
 
+def _drop_augment_path(run_json: Path) -> None:
+    """Make ``run_json`` look written before the augmentation path was recorded (every run was per image)."""
+    record = json.loads(run_json.read_text())
+    del record["augment_path"]
+    run_json.write_text(json.dumps(record))
+
+
+def test_a_run_augmented_per_image_before_batch_augmentation_is_not_resumed_on_the_batch_path(tiny_cfg, tmp_path):
+    train(tiny_cfg("data.augment=digits"))
+    run_json = tmp_path / "run" / "run.json"
+    assert json.loads(run_json.read_text())["augment_path"] == "batch"  # synthetic lives in memory
+    _drop_augment_path(run_json)
+    with pytest.raises(ValueError, match=r"augment_path: per_image there, batch now"):
+        train(tiny_cfg("data.augment=digits"))
+
+
+def test_without_augmentation_an_older_run_folder_is_still_the_same_run(tiny_cfg, tmp_path):
+    first = train(tiny_cfg())  # data.augment=none: both paths train identically
+    _drop_augment_path(tmp_path / "run" / "run.json")
+    assert train(tiny_cfg())["last_step"] == first["last_step"]  # skipped as finished, not refused
+
+
 def test_a_failed_start_does_not_claim_the_folder(tiny_cfg):
     with pytest.raises(ValueError):
         train(tiny_cfg("method.optimizer.lr=-0.001"))  # Adam refuses in configure_optimizers
