@@ -33,7 +33,8 @@ class ResultsWriter(pl.Callback):
 
     Args:
         path: the ``results.jsonl`` file.
-        metric: the task's metric key (``acc``): the logged ``val/<metric>/<domain>/<split>`` values are kept.
+        metric: the task's metric key (``acc``). Every logged ``val/<key>/<domain>/<split>`` value is kept: the
+            metric's and the task's secondary scores (``Task.secondary_scores``: Dice, per-class IoU...).
     """
 
     def __init__(self, path: str | Path, metric: str) -> None:
@@ -53,9 +54,8 @@ class ResultsWriter(pl.Callback):
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         record: dict[str, Any] = {"step": int(trainer.global_step), "epoch": int(trainer.current_epoch)}
-        prefix = f"val/{self.metric}/"
         for key, value in trainer.callback_metrics.items():
-            if key.startswith(prefix) and key.count("/") == 3:
+            if key.startswith("val/") and key.count("/") == 3:
                 record[key.removeprefix("val/")] = float(value)
         records = [r for r in read_jsonl(self.path) if r["step"] != record["step"]]
         atomic_write_jsonl(self.path, sorted([*records, record], key=lambda r: r["step"]))

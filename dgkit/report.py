@@ -47,7 +47,19 @@ def summarise_run(
         "last_step": last["step"],
         "last_test_score": {t: last[f"{metric}/{t}/in"] for t in test_domains},
         "scores": {d: {s: best.get(f"{metric}/{d}/{s}") for s in SPLITS} for d in domains},
+        "secondary_scores": _secondary(best, metric),
     }
+
+
+def _secondary(record: dict[str, Any], metric: str) -> dict[str, dict[str, dict[str, float]]]:
+    """``{key: {domain: {split: value}}}`` of the record's secondary scores (``dice/<domain>/<split>``...)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, value in record.items():
+        parts = name.split("/")
+        if len(parts) == 3 and parts[0] != metric:
+            key, domain, split = parts
+            out.setdefault(key, {}).setdefault(domain, {})[split] = value
+    return out
 
 
 def print_summary(final: dict[str, Any], domains: list[str], test_domains: list[str], console: Console | None = None):

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 
 import pytest
 
@@ -22,6 +24,22 @@ def test_tiny_segmentation_run_records_miou_and_collects(tmp_path, capsys):
     assert keys >= {f"miou/{d}/{s}" for d in "abc" for s in ("in", "out")}
     assert not any(k.startswith("acc/") for r in records for k in r)
     assert all(0.0 <= r[k] <= 1.0 for r in records for k in keys if k in r)
+
+    # the secondary scores of the same evaluation, checked against their equations in the per-class IoUs
+    for r in records:
+        for d in "abc":
+            for split in ("in", "out"):
+                ious = [r[f"iou_{c}/{d}/{split}"] for c in (0, 1)]
+                present = [v for v in ious if not math.isnan(v)]
+                assert r[f"miou/{d}/{split}"] == pytest.approx(sum(present) / len(present), abs=1e-6)
+                dice = [2 * v / (1 + v) for v in present]  # Dice = 2 IoU / (1 + IoU), class by class
+                assert r[f"dice/{d}/{split}"] == pytest.approx(sum(dice) / len(dice), abs=1e-6)
+                if not math.isnan(ious[1]):  # foreground F1 is the foreground Dice
+                    assert r[f"f1/{d}/{split}"] == pytest.approx(2 * ious[1] / (1 + ious[1]), abs=1e-6)
+                assert 0.0 <= r[f"precision/{d}/{split}"] <= 1.0 and 0.0 <= r[f"recall/{d}/{split}"] <= 1.0
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert set(final["secondary_scores"]) == {"dice", "iou_0", "iou_1", "precision", "recall", "f1"}
+    assert set(final["secondary_scores"]["dice"]) == set("abc")
 
     spec = importlib.util.spec_from_file_location("collect_results", ROOT / "scripts" / "collect_results.py")
     module = importlib.util.module_from_spec(spec)

@@ -12,4 +12,16 @@ from dgkit.methods.sharpness import Sharpness
 from dgkit.methods.simclr import SimCLR
 from dgkit.methods.udim import UDIM
 
-__all__ = ["DANN", "DRM", "ERM", "ITTA", "LinearProbe", "MapSAM", "Method", "SAMPretrain", "Sharpness", "SimCLR", "UDIM"]
+__all__ = [
+    "DANN",
+    "DRM",
+    "ERM",
+    "ITTA",
+    "LinearProbe",
+    "MapSAM",
+    "Method",
+    "SAMPretrain",
+    "Sharpness",
+    "SimCLR",
+    "UDIM",
+]

@@ -239,18 +239,21 @@ class Method(pl.LightningModule):
         self.task.update_metric(self.val_metrics[dataloader_idx], self(x), y)
 
     def on_validation_epoch_end(self) -> None:
-        """Log ``val/<metric>/<domain>/<in|out>`` for every domain and the selection score on source ``out``
-        splits."""
+        """Log ``val/<metric>/<domain>/<in|out>`` for every domain (and the task's secondary scores, e.g.
+        ``val/dice/<domain>/<split>``) and the selection score on source ``out`` splits."""
         metric_key = self.task.metric
         source_out = []
         for (domain, split), metric in zip(self.eval_names, self.val_metrics):
             if not metric.update_called:
                 continue  # an empty split (holdout_fraction=0) has no score
             score = metric.compute()
+            secondary = self.task.secondary_scores(metric)
             metric.reset()
             # sync_dist: torchmetrics' compute() already gathered every process's counts, so the values agree and
             # averaging them changes nothing; it only tells Lightning so (no warning per key under DDP)
             self.log(f"val/{metric_key}/{domain}/{split}", score, sync_dist=True)
+            for key, value in secondary.items():
+                self.log(f"val/{key}/{domain}/{split}", value, sync_dist=True)
             if split == "out" and domain in self.source_domains:
                 source_out.append(score)
         if source_out:

@@ -53,6 +53,11 @@ class Task:
         """A fresh torchmetrics object accumulating :attr:`metric` over one split of one domain."""
         raise NotImplementedError
 
+    def secondary_scores(self, metric: Metric) -> dict[str, torch.Tensor]:
+        """Scores recorded beside :attr:`metric` from the same accumulated ``metric`` (e.g. Dice), as
+        ``{key: value}``; keys never contain ``/`` and never equal :attr:`metric`. None by default."""
+        return {}
+
     def predict(self, outputs: torch.Tensor) -> torch.Tensor:
         """The prediction rule: outputs to predicted targets (class indices, label maps)."""
         raise NotImplementedError

@@ -175,6 +175,11 @@ class Segmentation(Task):
         """A :class:`SegmentationMetric` (mIoU; Dice, per-class IoU and foreground scores on request)."""
         return SegmentationMetric(num_classes)
 
+    def secondary_scores(self, metric: Metric) -> dict[str, torch.Tensor]:
+        """Dice, the IoU of every class (``iou_<c>``) and, for binary tasks, foreground ``precision``, ``recall``
+        and ``f1``, recorded as ``<key>/<domain>/<split>`` beside ``miou``."""
+        return {k: v for k, v in metric.scores().items() if k != self.metric}
+
     def predict(self, outputs: torch.Tensor) -> torch.Tensor:
         """The argmax class of every pixel ``(B, H, W)``."""
         return outputs.argmax(1)
