@@ -87,8 +87,7 @@ def _instantiate_data(data: Any, **kwargs: Any) -> pl.LightningDataModule:
 
 def data_identity(cfg: DictConfig) -> dict[str, Any]:
     """The data part of a run's identity: the resolved held-out domains, the benchmark's fingerprint and the
-    training-augmentation path (``batch`` when whole batches are augmented as tensors, else ``per_image``; with
-    ``data.augment=none`` both train identically, so it is ``per_image``).
+    training-augmentation path (``DGDataModule.augment_path``).
 
     Built without image verification (cheap enough to decide whether a folder's run can be skipped or resumed).
     """
@@ -97,11 +96,10 @@ def data_identity(cfg: DictConfig) -> dict[str, Any]:
         if "verify" in block:
             block["verify"] = False
     datamodule = _instantiate_data(data, data_config=None, split_seed=cfg.seed)
-    batch = bool(getattr(datamodule, "batch_augment", False)) and getattr(datamodule, "augment", "none") != "none"
     return {
         "test_domains": list(datamodule.test_domains),
         "data_fingerprint": datamodule.benchmark.fingerprint,
-        "augment_path": "batch" if batch else "per_image",
+        "augment_path": datamodule.augment_path,
     }
 
 

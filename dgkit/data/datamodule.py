@@ -371,6 +371,12 @@ class DGDataModule(pl.LightningDataModule):
             for d in self.source_domains:
                 self.train_indices[d] = few_shots(self.train_indices[d], shots, split_seed, d)
 
+    @property
+    def augment_path(self) -> str:
+        """``batch`` when training images are augmented as whole batches of tensors, else ``per_image`` (with
+        ``augment=none`` both paths train identically, so it is ``per_image``): part of a run's identity."""
+        return "batch" if self.batch_augment and self.augment != "none" else "per_image"
+
     def _choose_path(self, requested: bool | None) -> bool:
         """Whether training augments whole batches: every source domain in memory with class labels."""
         capable = all(getattr(self.benchmark.datasets[d], "in_memory", False) for d in self.source_domains)
