@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dgkit.backbones.base import Backbone
 from dgkit.methods.base import Method
 from dgkit.tasks import Task
 from dgkit.tasks.promptable import PromptableSegmentation
@@ -209,7 +210,7 @@ class SAMPretrain(Method):
         min_area: int = 8,
         eval_objects: int = 8,
     ) -> None:
-        if not (hasattr(backbone, "mask_decoder") and hasattr(backbone, "prompt_encoder")):
+        if not (isinstance(backbone, Backbone) and backbone.prompt_decoder):  # the declared capability
             raise ValueError(
                 "method=sam_pretrain trains SAM's prompt encoder and mask decoder too: use "
                 "backbone=sam_tiny|sam_vit_b|sam_vit_l|sam_vit_h backbone.prompt_decoder=true"
