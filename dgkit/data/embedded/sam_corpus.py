@@ -93,7 +93,7 @@ def scene(rng: np.random.Generator, domain: str) -> tuple[np.ndarray, list[tuple
         shape = _shape(rng, SHAPES[int(rng.integers(len(SHAPES)))])
         if shape.sum() < 12:  # a degenerate draw (a curve off the image): no object
             continue
-        layers.append((shape, _fill(rng, FILLS[int(rng.integers(len(FILLS)))], names)))
+        layers.append((shape, fill_texture(rng, FILLS[int(rng.integers(len(FILLS)))], names)))
     return background, layers
 
 
@@ -138,7 +138,7 @@ def _jitter(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.float32)
 
 
-def _fill(rng: np.random.Generator, kind: str, names: tuple[str, ...]) -> np.ndarray:
+def fill_texture(rng: np.random.Generator, kind: str, names: tuple[str, ...]) -> np.ndarray:
     """An object's texture ``float32 (128, 128, 3)``: a photo crop of the family, stripes, smooth noise or flat."""
     if kind == "photo":
         return _crop(rng, names[int(rng.integers(len(names)))])
