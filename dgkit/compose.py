@@ -87,7 +87,7 @@ def _instantiate_data(data: Any, **kwargs: Any) -> pl.LightningDataModule:
 
 def data_identity(cfg: DictConfig) -> dict[str, Any]:
     """The data part of a run's identity: the resolved held-out domains, the benchmark's fingerprint and the
-    training-augmentation path (``DGDataModule.augment_path``).
+    training-augmentation path (``DGDataModule.augment_path``) and the decoded cache read (``data_cache``).
 
     Built without image verification (cheap enough to decide whether a folder's run can be skipped or resumed).
     """
@@ -100,6 +100,7 @@ def data_identity(cfg: DictConfig) -> dict[str, Any]:
         "test_domains": list(datamodule.test_domains),
         "data_fingerprint": datamodule.benchmark.fingerprint,
         "augment_path": datamodule.augment_path,
+        "data_cache": datamodule.data_cache,
     }
 
 

@@ -16,7 +16,7 @@ RUN_KEYS = (
     "seed", "output_dir", "resume", "threads", "logger", "paths", "tag", "print_summary", "export_backbone", "tta",
     "compress",
 )  # fmt: skip
-DATA_RUN_KEYS = ("test_domains", "root", "num_workers", "eval_batch_size", "crafted_families")
+DATA_RUN_KEYS = ("test_domains", "root", "num_workers", "eval_batch_size", "crafted_families", "cache")
 TRAINER_RUN_KEYS = (
     "devices", "accelerator", "enable_progress_bar", "log_every_n_steps", "num_nodes", "strategy",
     "use_distributed_sampler", "compile", "channels_last",
@@ -46,6 +46,9 @@ def hparams_id(cfg: DictConfig, budget: bool = True) -> str:
             block.pop("search", None)  # where a value may be drawn from, not a value
     for key in DATA_RUN_KEYS:
         c.get("data", {}).pop(key, None)
+    # data.cache (a loading option, as the augmentation path) is in the run folder's identity (``data_cache``), not
+    # in the hyper-parameters: uncached configs keep their ids
+    (c.get("data", {}).get("benchmark") or {}).pop("cache", None)
     if c.get("data", {}).get("shots", 0) is None:
         c["data"].pop("shots")  # every image of the in split: what configs without the key trained on
     for key in TRAINER_RUN_KEYS + (() if budget else ("max_steps",)):

@@ -7,10 +7,10 @@ selected step) and ``done`` (written last). Rerunning a command resumes from ``l
 
 - **Identity.** Everything that changes the result: the config's id without the step budget, the seed, the
   held-out domains, the data's fingerprint, the training-augmentation path (``batch`` tensors or ``per_image``
-  albumentations: they draw different augmentations) and the device count (:data:`IDENTITY_KEYS`). A folder holding a
-  run of another identity is never resumed or skipped into: the run stops, naming what differs and how to go
-  on. The step budget is checked apart (:func:`dgkit.run.train`): a run can be extended to more steps when
-  nothing in it depends on the budget.
+  albumentations: they draw different augmentations), the decoded cache read (``data_cache``: pre-resized pixels)
+  and the device count (:data:`IDENTITY_KEYS`). A folder holding a run of another identity is never resumed or
+  skipped into: the run stops, naming what differs and how to go on. The step budget is checked apart
+  (:func:`dgkit.run.train`): a run can be extended to more steps when nothing in it depends on the budget.
 - **Claim.** A folder is claimed only once training produced something (records or checkpoints): a start that
   failed before that (a bad learning rate) leaves nothing that blocks the corrected command.
 - **Lock.** :meth:`RunFolder.lock` holds an OS file lock (``.lock``, with the holder's PID and host) for the
@@ -37,10 +37,11 @@ from dgkit.utils.io import atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 RESUME_MODES = ("auto", "true", "false")
-IDENTITY_KEYS = ("config", "seed", "test_domains", "data_fingerprint", "augment_path", "devices")
+IDENTITY_KEYS = ("config", "seed", "test_domains", "data_fingerprint", "augment_path", "data_cache", "devices")
 """The ``run.json`` keys that must match for a folder to be resumed or skipped into."""
-LEGACY_IDENTITY = {"augment_path": "per_image"}
-"""What a ``run.json`` written before a key existed had: every run augmented per image before batch augmentation."""
+LEGACY_IDENTITY = {"augment_path": "per_image", "data_cache": "none"}
+"""What a ``run.json`` written before a key existed had: every run augmented per image before batch augmentation,
+and decoded its files before the decoded cache."""
 _CLAIMING = ("results.jsonl", "final.json", "done", "checkpoints/last.ckpt", "checkpoints/best.ckpt")
 
 

@@ -51,10 +51,12 @@ def folder(
     name: str = "folder",
     verify: bool = True,
     on_bad_image: str = "error",
+    cache: int | None = None,
 ) -> Benchmark:
     """A ``root/<domain>/<class>/<image>`` tree (PACS, VLCS, OfficeHome, TerraIncognita, DomainNet, your own);
-    ``verify`` checks every image header first (``on_bad_image``: ``error`` or ``skip``)."""
-    return folder_benchmark(root, domains=domains, name=name, verify=verify, on_bad_image=on_bad_image)
+    ``verify`` checks every image header first (``on_bad_image``: ``error`` or ``skip``); ``cache`` reads the
+    decoded cache of that side (``scripts/prepare_cache.py``) instead of decoding the files."""
+    return folder_benchmark(root, domains=domains, name=name, verify=verify, on_bad_image=on_bad_image, cache=cache)
 
 
 def seg_folder(

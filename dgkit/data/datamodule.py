@@ -281,6 +281,8 @@ class DGDataModule(pl.LightningDataModule):
         verify: whether the benchmark checked its image files at setup (``data.verify``; the folder presets pass
             it to their benchmark factory, which does the checking).
         on_bad_image: ``error`` or ``skip`` (``data.on_bad_image``, likewise passed to the factory).
+        cache: the side of the decoded cache the folder presets' factory reads (``data.cache``; ``None``: files
+            are decoded); recorded in the run's identity (:attr:`data_cache`).
         crafted_families: augmentation families for crafted-shift validation (:mod:`dgkit.data.crafted`): each
             source domain's ``out`` images under them become a third evaluation split, ``crafted``
             (``+validation=crafted``); ``None``: none.
@@ -311,6 +313,7 @@ class DGDataModule(pl.LightningDataModule):
         shots: int | None = None,
         verify: bool = False,
         on_bad_image: str = "error",
+        cache: int | None = None,
         crafted_families: Sequence[str] | None = None,
         batch_augment: bool | None = None,
         num_classes: int | None = None,
@@ -335,7 +338,7 @@ class DGDataModule(pl.LightningDataModule):
                 "domain, or labels per class and domain)"
             )
         self.benchmark = benchmark
-        self.verify, self.on_bad_image = verify, on_bad_image
+        self.verify, self.on_bad_image, self.cache = verify, on_bad_image, cache
         self.name = name or benchmark.name
         self.root = root
         self.domains = list(benchmark.domains)
@@ -376,6 +379,12 @@ class DGDataModule(pl.LightningDataModule):
         """``batch`` when training images are augmented as whole batches of tensors, else ``per_image`` (with
         ``augment=none`` both paths train identically, so it is ``per_image``): part of a run's identity."""
         return "batch" if self.batch_augment and self.augment != "none" else "per_image"
+
+    @property
+    def data_cache(self) -> str:
+        """``none``, or the decoded cache's side (``256px``): its pixels were resized once before augmentation, so a
+        run on it is not resumed from an uncached run's folder (part of a run's identity)."""
+        return "none" if self.cache is None else f"{self.cache}px"
 
     def _choose_path(self, requested: bool | None) -> bool:
         """Whether training augments whole batches: every source domain in memory with class labels."""

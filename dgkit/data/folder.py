@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -163,28 +164,17 @@ def _check_classes(root: Path, per_domain: dict[str, list[str]]) -> list[str]:
     return classes
 
 
-def folder_benchmark(
-    root: str | Path,
-    domains: Sequence[str] | None = None,
-    name: str = "folder",
-    verify: bool = False,
-    on_bad_image: str = "error",
-) -> Benchmark:
-    """Read a ``root/<domain>/<class>/<image>`` tree.
-
-    Args:
-        root: the benchmark folder.
-        domains: domain folder names in canonical order; ``None`` discovers them (sorted).
-        name: benchmark name recorded with results.
-        verify: check every image header now (in parallel) rather than when it is first read.
-        on_bad_image: with ``verify``, ``error`` (list every bad file and stop) or ``skip`` (leave them out).
+def list_tree(
+    root: str | Path, domains: Sequence[str] | None = None, name: str = "folder"
+) -> tuple[Path, list[str], list[str], dict[str, tuple[list[Path], list[int]]]]:
+    """The layout of a ``root/<domain>/<class>/<image>`` tree, checked: ``(root, domains, classes, listing)``
+    with ``listing[domain] = (files, labels)`` (classes in order, files sorted). Shared by :func:`folder_benchmark`
+    and ``scripts/prepare_cache.py``.
 
     Raises:
         FileNotFoundError: the tree does not have the expected layout (the layout is printed).
-        ValueError: bad images with ``on_bad_image=error`` (all listed), or an unknown policy.
+        ValueError: the domains do not share one class set.
     """
-    if on_bad_image not in BAD_IMAGE_POLICIES:
-        raise ValueError(f"data.on_bad_image={on_bad_image!r}; choose one of {list(BAD_IMAGE_POLICIES)}")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise _tree_error(f"dataset {name!r}: no folder at {root.resolve()}", root)
@@ -202,26 +192,79 @@ def folder_benchmark(
     for d, (files, _) in listing.items():
         if not files:
             raise _tree_error(f"dataset {name!r}: no image files under {root / d}", root)
+    return root, domains, classes, listing
+
+
+def drop_bad_images(
+    listing: dict[str, tuple[list[Path], list[int]]], root: Path, name: str, on_bad_image: str
+) -> tuple[dict[str, tuple[list[Path], list[int]]], list[str]]:
+    """Check every image header (in parallel): ``(listing without the bad files, their paths)``.
+
+    Raises:
+        ValueError: bad images with ``on_bad_image=error`` (all listed).
+    """
+    bad = find_bad_images([f for files, _ in listing.values() for f in files])
+    if bad and on_bad_image == "error":
+        raise _bad_images_error(name, root, [(str(f), why) for f, why in bad])
+    skipped = [str(f) for f, _ in bad]
+    for f, why in bad:
+        log.warning("skipping unreadable image %s (%s)", f, why)
+    return {d: _without(files, labels, set(skipped)) for d, (files, labels) in listing.items()}, skipped
+
+
+def _bad_images_error(name: str, root: Path, bad: list[tuple[str, str]]) -> ValueError:
+    lines = "\n".join(f"  {f}: {why}" for f, why in bad)
+    return ValueError(
+        f"dataset {name!r}: {len(bad)} unreadable image(s) under {root}:\n{lines}\n"
+        "remove or replace them, or pass data.on_bad_image=skip to train without them"
+    )
+
+
+def folder_benchmark(
+    root: str | Path,
+    domains: Sequence[str] | None = None,
+    name: str = "folder",
+    verify: bool = False,
+    on_bad_image: str = "error",
+    cache: int | None = None,
+) -> Benchmark:
+    """Read a ``root/<domain>/<class>/<image>`` tree.
+
+    Args:
+        root: the benchmark folder.
+        domains: domain folder names in canonical order; ``None`` discovers them (sorted).
+        name: benchmark name recorded with results.
+        verify: check every image header now (in parallel) rather than when it is first read.
+        on_bad_image: with ``verify``, ``error`` (list every bad file and stop) or ``skip`` (leave them out).
+        cache: read the images from the decoded cache of this side (``scripts/prepare_cache.py``) instead of
+            decoding the files; ``None`` decodes them. The cache's build already decoded (verified) every image,
+            so ``verify`` only decides which files the fingerprint covers, as without the cache.
+
+    Raises:
+        FileNotFoundError: the tree does not have the expected layout (the layout is printed), or the decoded
+            cache is missing, incomplete, stale or of another size (the command that rebuilds it is named).
+        ValueError: bad images with ``on_bad_image=error`` (all listed), or an unknown policy.
+    """
+    if on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"data.on_bad_image={on_bad_image!r}; choose one of {list(BAD_IMAGE_POLICIES)}")
+    root, domains, classes, listing = list_tree(root, domains, name)
     skipped: list[str] = []
-    if verify:
-        bad = find_bad_images([f for files, _ in listing.values() for f in files])
-        if bad and on_bad_image == "error":
-            lines = "\n".join(f"  {f}: {why}" for f, why in bad)
-            raise ValueError(
-                f"dataset {name!r}: {len(bad)} unreadable image(s) under {root}:\n{lines}\n"
-                "remove or replace them, or pass data.on_bad_image=skip to train without them"
-            )
-        skipped = [str(f) for f, _ in bad]
-        for f, why in bad:
-            log.warning("skipping unreadable image %s (%s)", f, why)
-        listing = {d: _without(files, labels, set(skipped)) for d, (files, labels) in listing.items()}
-    datasets = {d: ImageFileDataset(files, labels) for d, (files, labels) in listing.items()}
+    if cache is not None:
+        datasets, skipped = open_cache(root, cache, classes, listing)
+        if skipped and on_bad_image == "error":
+            raise _bad_images_error(name, root, [(f, "could not be decoded when the cache was built") for f in skipped])
+        if verify:  # the files a verified uncached read keeps: the same fingerprint
+            listing = {d: _without(files, labels, set(skipped)) for d, (files, labels) in listing.items()}
+    else:
+        if verify:
+            listing, skipped = drop_bad_images(listing, root, name, on_bad_image)
+        datasets = {d: ImageFileDataset(files, labels) for d, (files, labels) in listing.items()}
     return Benchmark(
         name=name,
         domains=domains,
         classes=classes,
         datasets=datasets,
-        fingerprint=_fingerprint(root, listing),
+        fingerprint=tree_fingerprint(root, listing),
         skipped=skipped,
     )
 
@@ -242,10 +285,102 @@ def _without(files: list[Path], labels: list[int], skipped: set[str]) -> tuple[l
     return [f for f, _ in kept], [y for _, y in kept]
 
 
-def _fingerprint(root: Path, listing: dict[str, tuple[list[Path], list[int]]]) -> str:
+def tree_fingerprint(root: Path, listing: dict[str, tuple[list[Path], list[int]]]) -> str:
     """A hash of every used file's path relative to ``root``, its size and its label."""
     digest = hashlib.sha1()
     for files, labels in listing.values():
         for f, y in zip(files, labels):
             digest.update(f"{f.relative_to(root).as_posix()}\t{f.stat().st_size}\t{y}\n".encode())
     return digest.hexdigest()[:16]
+
+
+# ---- the decoded cache (scripts/prepare_cache.py builds it) -----------------------------------------------------
+CACHE_FORMAT = 1
+"""Version of the cache layout; a cache of another version is refused (rebuild it)."""
+CACHE_DIR = ".dgkit_cache"  # a dot folder: never taken for a domain (_subfolders skips it)
+CACHE_INDEX = "index.json"  # written last: a cache folder without it is an interrupted build
+
+
+def cache_dir(root: str | Path, size: int) -> Path:
+    """Where the decoded cache of side ``size`` of the tree at ``root`` lives: ``root/.dgkit_cache/<size>/``."""
+    return Path(root).expanduser() / CACHE_DIR / str(size)
+
+
+def cache_stamp(root: Path, files: Sequence[Path], labels: Sequence[int]) -> str:
+    """A hash of one domain's files as the cache saw them: relative path, size, modification time (ns), label.
+
+    The benchmark fingerprint leaves the time out (a moved copy keeps its runs); the cache needs it, since an image
+    edited in place at the same byte size would otherwise be served with its old pixels."""
+    digest = hashlib.sha1()
+    for f, y in zip(files, labels):
+        st = f.stat()
+        digest.update(f"{f.relative_to(root).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\t{y}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+class CachedImageDataset(Dataset):
+    """Rows of a decoded cache, a ``uint8 (N, S, S, 3)`` ``.npy`` file, with their labels.
+
+    The file is memory-mapped on first access in each process (a loader worker maps it itself; the pages are the
+    OS page cache's, shared by every process), and never pickled: a worker started by ``spawn`` receives the path,
+    not the pixels. An item is a private copy of its row, so transforms may write to it.
+    """
+
+    def __init__(self, file: str | Path, labels: Sequence[int]) -> None:
+        self.file = os.fspath(file)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self._images: np.ndarray | None = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        if self._images is None or self._pid != os.getpid():
+            self._images, self._pid = np.load(self.file, mmap_mode="r"), os.getpid()
+        return np.array(self._images[i]), int(self.labels[i])  # (S, S, 3) uint8
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_images": None, "_pid": -1}
+
+
+def open_cache(
+    root: Path, size: int, classes: list[str], listing: dict[str, tuple[list[Path], list[int]]]
+) -> tuple[dict[str, CachedImageDataset], list[str]]:
+    """The decoded cache's datasets for the domains of ``listing`` (checked against the tree) and the files its
+    build left out as unreadable.
+
+    Raises:
+        FileNotFoundError: no complete cache of this size, or one of another format, or a stale one (a domain's
+            files were added, removed or changed since the build); the message names the rebuild command.
+    """
+    folder = cache_dir(root, size)
+    rebuild = f"(re)build it with: python scripts/prepare_cache.py {root} --size {size}"
+    index_file = folder / CACHE_INDEX
+    if not index_file.exists():
+        built = sorted(p.parent.name for p in (root / CACHE_DIR).glob(f"*/{CACHE_INDEX}"))
+        state = "is incomplete (an interrupted build: no index)" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"data.cache={size}: the decoded cache {folder} {state} (built: {built}); {rebuild}")
+    index = json.loads(index_file.read_text())
+    if index.get("format") != CACHE_FORMAT or index.get("size") != size:
+        raise FileNotFoundError(
+            f"data.cache={size}: {folder} holds format {index.get('format')}, size {index.get('size')}; dgkit reads "
+            f"format {CACHE_FORMAT}; {rebuild}"
+        )
+    stale = [d for d in listing if d not in index["domains"]] if index["classes"] == classes else list(listing)
+    stale += [d for d, (files, labels) in listing.items() if d not in stale
+              and cache_stamp(root, files, labels) != index["domains"][d]["stamp"]]  # fmt: skip
+    if stale:
+        raise FileNotFoundError(
+            f"data.cache={size}: the decoded cache {folder} is stale: domain(s) {stale} are not in it or changed since "
+            f"it was built (images or classes added, removed or modified); {rebuild}"
+        )
+    datasets, skipped = {}, []
+    for d in listing:
+        entry = index["domains"][d]
+        datasets[d] = CachedImageDataset(folder / entry["file"], entry["labels"])
+        shape = np.load(datasets[d].file, mmap_mode="r").shape  # the header only; the mapping is dropped
+        if shape != (len(entry["labels"]), size, size, 3):
+            raise FileNotFoundError(f"data.cache={size}: {datasets[d].file} holds {shape}, not its index's; {rebuild}")
+        skipped += [str(root / f) for f in entry["skipped"]]
+    return datasets, skipped
