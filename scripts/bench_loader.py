@@ -15,7 +15,9 @@ against torchvision ``ImageFolder`` (one per source domain, concatenated) + one 
 workers and the same albumentations pipeline on the same pixels (torchvision decodes with PIL; dgkit decodes
 JPEGs with OpenCV, which gives PIL's pixels faster: ``tests/test_bench_loader.py``). Images/s over
 ``--folder-steps`` steps after the workers started, and CPU time per image summed over the main process and its
-workers (robust to other jobs on the machine).
+workers (robust to other jobs on the machine). ``--cache S`` adds a third arm: dgkit's DataModule reading the
+decoded cache of side ``S`` (``data.cache``; built once by ``scripts/prepare_cache.py`` when missing or stale, its
+build time printed) instead of decoding the files.
 
 ``memory``: resident memory (RSS, PSS, USS from ``/proc/<pid>/smaps_rollup``) of the main process and its loader
 workers: dgkit's DataModule with 2 workers after a few steps, and the file list's share: one loader with 2
@@ -25,6 +27,7 @@ worker is extrapolated linearly to DomainNet's 586,575 paths.
 
     python scripts/bench_loader.py --part in-memory                        # quick start, batch 64 per domain
     python scripts/bench_loader.py --part folder --images 20000              # writes outputs/bench_loader_tree
+    python scripts/bench_loader.py --part folder --images 3000 --cache 256   # + the decoded cache
     python scripts/bench_loader.py --part memory --images 20000
 """
 
@@ -215,8 +218,9 @@ def imagefolder_loader(tree: Path, domains: list[str], size: int, batch: int, wo
         yield from loader
 
 
-def dgkit_folder_loader(tree: Path, size: int, batch: int, workers: int) -> Iterator:
-    dm = DGDataModule(folder_benchmark(tree, verify=False), test_domains=[TREE_DOMAINS[-1]],
+def dgkit_folder_loader(tree: Path, size: int, batch: int, workers: int, cache: int | None = None) -> Iterator:
+    """dgkit's training batches on the tree (decoding the files, or reading the decoded cache of side ``cache``)."""
+    dm = DGDataModule(folder_benchmark(tree, verify=False, cache=cache), test_domains=[TREE_DOMAINS[-1]],
                       data_config=DataConfig((size, size)), batch_size=batch, num_workers=workers,
                       augment="imagenet")  # fmt: skip
     return iter(dm.train_dataloader())
@@ -244,18 +248,36 @@ def throughput(it: Iterator, steps: int, warmup: int, per_step: int) -> tuple[fl
     return steps * per_step / wall, 1e3 * cpu / (steps * per_step)
 
 
+def ensure_cache(tree: Path, size: int, workers: int) -> float | None:
+    """Build the tree's decoded cache of side ``size`` unless a valid one exists: the build's wall seconds, or
+    ``None`` when it was already there."""
+    from prepare_cache import build_cache  # scripts/ is on the path: this script's own folder
+
+    try:
+        folder_benchmark(tree, cache=size)
+        return None
+    except FileNotFoundError:
+        start = time.perf_counter()
+        build_cache(tree, size, workers=workers)
+        return time.perf_counter() - start
+
+
 def bench_folder(args: argparse.Namespace) -> dict:
     tree = write_tree(Path(args.tree), args.images)
     sources = list(TREE_DOMAINS[:-1])
     per_step = len(sources) * args.folder_batch
     rates: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    arms = ("dgkit", "ImageFolder") + (("dgkit cached",) if args.cache else ())
+    if args.cache:
+        args.cache_build_s = ensure_cache(tree, args.cache, max(args.workers))
     for _ in range(args.repeats):
         for w in args.workers:
-            for name in ("dgkit", "ImageFolder"):
-                if name == "dgkit":
-                    it = dgkit_folder_loader(tree, args.size, args.folder_batch, w)
-                else:
+            for name in arms:
+                if name == "ImageFolder":
                     it = imagefolder_loader(tree, sources, args.size, args.folder_batch, w)
+                else:
+                    cache = args.cache if name == "dgkit cached" else None
+                    it = dgkit_folder_loader(tree, args.size, args.folder_batch, w, cache)
                 rates.setdefault((name, w), []).append(throughput(it, args.folder_steps, 2, per_step))
                 del it
                 gc.collect()
@@ -271,6 +293,21 @@ def print_folder(res: dict, args: argparse.Namespace) -> None:
     for w in args.workers:
         (a, ca), (b, cb) = res[("dgkit", w)], res[("ImageFolder", w)]
         print(f"| {w} | {a:.0f} | {b:.0f} | {a / b:.2f} | {ca:.2f} | {cb:.2f} | {cb / ca:.2f} |")
+    if args.cache:
+        print_cache(res, args)
+
+
+def print_cache(res: dict, args: argparse.Namespace) -> None:
+    built = getattr(args, "cache_build_s", None)
+    note = "already built" if built is None else f"built in {built:.0f} s with {max(args.workers)} worker(s)"
+    print(f"\n### Decoded cache: data.cache={args.cache} ({note}) against decoding the JPEGs\n")
+    print("| workers | cached images/s | dgkit decoding images/s | ImageFolder images/s | speed-up (cached / "
+          "decoding) | cached CPU ms / image | dgkit decoding CPU ms / image | ImageFolder CPU ms / image "
+          "| CPU per image, decoding / cached |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for w in args.workers:
+        (c, cc), (a, ca), (b, cb) = res[("dgkit cached", w)], res[("dgkit", w)], res[("ImageFolder", w)]
+        print(f"| {w} | {c:.0f} | {a:.0f} | {b:.0f} | {c / a:.2f} | {cc:.2f} | {ca:.2f} | {cb:.2f} | {ca / cc:.2f} |")
 
 
 # ---- memory --------------------------------------------------------------------------------------------------------
@@ -379,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--folder-batch", type=int, default=16, help="folder: images per source domain per step")
     p.add_argument("--folder-steps", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--cache", type=int, default=None, help="folder: also time the decoded cache of this side")
     p.epilog = "Hydra overrides for the in-memory part (key=value) may follow anywhere, or after --."
     args, overrides = parse_with_overrides(p, argv)
     torch.set_num_threads(1)

@@ -164,3 +164,14 @@ def test_a_cached_run_trains_and_is_never_resumed_from_an_uncached_folder(tmp_pa
     with pytest.raises(ValueError, match=r"data_cache: none there, 16px now"):
         train(_run_cfg(tmp_path, root, "data.cache=16"))
     assert train(_run_cfg(tmp_path, root))["last_step"] == 2  # the uncached command is the same run: skipped
+
+
+def test_bench_loader_times_the_cached_arm_beside_the_decoding_ones(tmp_path, capsys):
+    import bench_loader
+
+    root = bench_loader.write_tree(tmp_path / "tree", images=60, classes=2)
+    args = ["--part", "folder", "--tree", str(root), "--images", "60", "--size", "32", "--workers", "0", "--cache"]
+    out = bench_loader.main([*args, "40", "--folder-batch", "2", "--folder-steps", "1", "--repeats", "1"])["folder"]
+    assert set(out) == {("dgkit", 0), ("ImageFolder", 0), ("dgkit cached", 0)} and all(min(v) > 0 for v in out.values())
+    assert "### Decoded cache: data.cache=40 (built in" in capsys.readouterr().out
+    assert folder_benchmark(root, cache=40).datasets["real"][0][0].shape == (40, 40, 3)
