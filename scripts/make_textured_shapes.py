@@ -16,6 +16,7 @@ image is drawn at 128 px and downsampled to 32 px (anti-aliased). Every (style, 
 textures are ``dgkit.data.embedded.sam_corpus``'s (one texture generator in the project).
 
     python scripts/make_textured_shapes.py --out datasets/textured_shapes      # 4 x 10 x 100 images, ~20 s
+    python scripts/make_textured_shapes.py --out datasets/textured_shapes --grid docs/img/textured_shapes_samples.png
 """
 
 from __future__ import annotations
@@ -123,16 +124,32 @@ def write(out: Path, per_class: int = 100, seed: int = 0, size: int = 32) -> int
     return n
 
 
+def sample_grid(out: Path, path: Path, per_style: int = 2, zoom: int = 3) -> None:
+    """A PNG of the written tree: ``per_style`` rows per style, one column per class (in ``CLASSES`` order)."""
+    rows = [
+        np.concatenate([np.asarray(Image.open(out / style / kind / f"{i:04d}.png")) for kind in CLASSES], axis=1)
+        for style in STYLES
+        for i in range(per_style)
+    ]
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.resize((grid.width * zoom, grid.height * zoom), Image.NEAREST).save(path)
+
+
 def main() -> None:
-    """Command line: ``--out``, ``--per-class``, ``--seed``, ``--size``."""
+    """Command line: ``--out``, ``--per-class``, ``--seed``, ``--size``, ``--grid``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("datasets/textured_shapes"))
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=32)
+    p.add_argument("--grid", type=Path, default=None, help="also write a sample grid PNG here")
     a = p.parse_args()
     n = write(a.out, a.per_class, a.seed, a.size)
     print(f"wrote {n} images ({len(STYLES)} styles x {len(CLASSES)} classes) to {a.out}")
+    if a.grid:
+        sample_grid(a.out, a.grid)
+        print(f"sample grid: {a.grid}")
 
 
 if __name__ == "__main__":
