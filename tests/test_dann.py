@@ -135,7 +135,7 @@ def _logged(path) -> list[dict[str, str]]:
 
 
 def test_grl_logs_discriminator_accuracy_and_lambda_from_global_step(tiny_cfg, tmp_path):
-    datamodule, method = build(tiny_cfg("method=dann"))
+    datamodule, method = build(tiny_cfg("method=dann", "method.lambda_max=1.0"))  # RAMP is the lambda_max = 1 ramp
     _fit(method, datamodule, logger=CSVLogger(tmp_path, name="logs"), log_every_n_steps=1)
     rows = _logged(tmp_path / "logs" / "version_0" / "metrics.csv")
     assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
