@@ -47,6 +47,10 @@ def outline(rng: np.random.Generator, kind: str) -> np.ndarray:
         x, y = radius * np.cos(theta + a), radius * np.sin(theta + a)
         d.polygon([(float(cx + u), float(cy + v)) for u, v in zip(x, y)], fill=fill)
 
+    def placed(points, fill: int = 255) -> None:  # (x, y) about the centre: rotated by a, moved to (cx, cy)
+        c, s = math.cos(a), math.sin(a)
+        d.polygon([(float(cx + u * c - v * s), float(cy + u * s + v * c)) for u, v in points], fill=fill)
+
     def regular(n: int, phase: float, scale: float = 1.0, fill: int = 255) -> None:
         t = np.arange(n) * 2 * math.pi / n + phase
         poly(np.full(n, r * scale), t, fill)
@@ -71,9 +75,7 @@ def outline(rng: np.random.Generator, kind: str) -> np.ndarray:
         regular(64, 0.0)
         shift = 0.45 * r
         t = np.arange(64) * 2 * math.pi / 64
-        x, y = 0.9 * r * np.cos(t) + shift, 0.9 * r * np.sin(t)
-        c, s = math.cos(a), math.sin(a)
-        d.polygon([(float(cx + u * c - v * s), float(cy + u * s + v * c)) for u, v in zip(x, y)], fill=0)
+        placed(zip(0.9 * r * np.cos(t) + shift, 0.9 * r * np.sin(t)), fill=0)
     elif kind in ("cross", "arrow"):
         w = 0.3 * r
         if kind == "cross":
@@ -93,8 +95,7 @@ def outline(rng: np.random.Generator, kind: str) -> np.ndarray:
             ]
         else:  # pointing right: a shaft and a triangular head
             pts = [(-r, -w), (0.1 * r, -w), (0.1 * r, -0.8 * r), (r, 0), (0.1 * r, 0.8 * r), (0.1 * r, w), (-r, w)]
-        c, s = math.cos(a), math.sin(a)
-        d.polygon([(float(cx + u * c - v * s), float(cy + u * s + v * c)) for u, v in pts], fill=255)
+        placed(pts)
     else:
         raise ValueError(f"shape {kind!r}; valid: {list(CLASSES)}")
     return np.asarray(m) > 127
