@@ -39,6 +39,7 @@ from dgkit.backbones.base import DataConfig
 from dgkit.data.batch_augment import BatchAugment, BatchLoader, consume_loader_seed
 from dgkit.data.benchmark import Benchmark, eval_splits, resolve_test_domains, seed_hash, split_indices
 from dgkit.data.crafted import CraftedShiftDataset, check_families
+from dgkit.data.subsets import few_labels, few_shots, labels_of
 from dgkit.data.transforms import build_transform
 
 CRAFTED = "crafted"
@@ -198,62 +199,6 @@ def collate_step(items: list, domains: Sequence[str], batch_size: int, views: in
     return {d: collate(items[k * batch_size : (k + 1) * batch_size]) for k, d in enumerate(domains)}
 
 
-def labels_of(dataset: Dataset) -> np.ndarray:
-    """Every label of a benchmark dataset, from its ``labels`` array when it has one (no image decoding)."""
-    labels = getattr(dataset, "labels", None)
-    if labels is None:
-        labels = [dataset[i][1] for i in range(len(dataset))]
-    return np.asarray(labels, dtype=np.int64)
-
-
-def seeded_subset(
-    indices: np.ndarray, k: int, seed: int, domain: str, key: str, labels: np.ndarray | None = None
-) -> np.ndarray:
-    """``k`` of ``indices`` (sorted), drawn without replacement by a generator seeded on ``(seed, domain, key)``;
-    with ``labels``, ``k`` per class. ``key`` names the option that asked (``labels_per_class``, ``shots``), so each
-    option draws its own subset; the draw depends on the seed and the domain only, not on which domains are held out.
-
-    Raises:
-        ValueError: fewer than ``k`` images to draw from (per class with ``labels``), naming the option, the domain
-            and how many it has.
-    """
-    rng = np.random.RandomState(seed_hash(seed, domain, key))
-    if labels is None:
-        if len(indices) < k:
-            raise ValueError(
-                f"data.{key}={k}: source domain {domain!r} has only {len(indices)} images in its 'in' (training) "
-                f"split; lower data.{key} (or data.holdout_fraction)"
-            )
-        return np.sort(rng.choice(indices, size=k, replace=False))
-    picked = []
-    for c in np.unique(labels):
-        pool = indices[labels[indices] == c]
-        if len(pool) < k:
-            raise ValueError(f"data.{key}={k}: domain {domain!r} has only {len(pool)} training images of class {c}")
-        picked.append(rng.choice(pool, size=k, replace=False))
-    return np.sort(np.concatenate(picked))
-
-
-def few_labels(indices: np.ndarray, labels: np.ndarray, k: int, seed: int, domain: str) -> np.ndarray:
-    """``k`` of ``indices`` per class (sorted), drawn with a seed keyed on ``(seed, domain)``
-    (:func:`seeded_subset` for ``data.labels_per_class``).
-
-    Raises:
-        ValueError: a class has fewer than ``k`` images among ``indices``.
-    """
-    return seeded_subset(indices, k, seed, domain, "labels_per_class", labels)
-
-
-def few_shots(indices: np.ndarray, k: int, seed: int, domain: str) -> np.ndarray:
-    """``k`` of ``indices`` whatever their labels (sorted), drawn with a seed keyed on ``(seed, domain)``
-    (:func:`seeded_subset` for ``data.shots``): works for class labels and segmentation masks alike.
-
-    Raises:
-        ValueError: ``indices`` has fewer than ``k`` images (the domain and its size are named).
-    """
-    return seeded_subset(indices, k, seed, domain, "shots")
-
-
 class DGDataModule(pl.LightningDataModule):
     """Domain-generalisation data: sources for training, all domains for evaluation.
 
@@ -276,8 +221,8 @@ class DGDataModule(pl.LightningDataModule):
         labels_per_class: keep only this many training images per class and source domain (``None``: all),
             drawn with a seed keyed on ``(split_seed, domain)``; every class of the benchmark must have as many.
         shots: keep only this many training images per source domain (``None``: all), drawn from its ``in`` split
-            with a seed keyed on ``(split_seed, domain)`` (:func:`few_shots`); the rest of the ``in`` split is not
-            trained on (it is still evaluated). Exclusive with ``labels_per_class``.
+            with a seed keyed on ``(split_seed, domain)`` (:func:`~dgkit.data.subsets.few_shots`); the rest of the
+            ``in`` split is not trained on (it is still evaluated). Exclusive with ``labels_per_class``.
         verify: whether the benchmark checked its image files at setup (``data.verify``; the folder presets pass
             it to their benchmark factory, which does the checking).
         on_bad_image: ``error`` or ``skip`` (``data.on_bad_image``, likewise passed to the factory).
