@@ -6,8 +6,10 @@ Usage::
 
     python scripts/selection_study.py outputs/sweeps/crafted_digits [--out docs/results/crafted_digits]
 
-Needs runs with several hyper-parameter candidates (``hparams_seed=0,1,...``) and, for the crafted-shift rule,
-``+validation=crafted``. Writes ``selection.md`` into ``--out`` when given.
+All four rules of :data:`dgkit.eval.selection.RULES`. Needs runs with several hyper-parameter candidates
+(``hparams_seed=0,1,...``); the crafted-shift rule needs ``+validation=crafted``, leave-one-domain-out the pair
+runs ``scripts/plan_sweep.py`` prints (a rule without its runs shows ``-``). Writes ``selection.md`` into
+``--out`` when given.
 """
 
 from __future__ import annotations
@@ -20,11 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dgkit.eval import group_runs, load_runs, split_finished  # noqa: E402
-from dgkit.eval.selection import CraftedShiftValidation, TestDomainOracle, TrainingDomainValidation  # noqa: E402
+from dgkit.eval.selection import RULES  # noqa: E402
 from dgkit.eval.study import rule_quality  # noqa: E402
 from dgkit.utils.io import atomic_write_text  # noqa: E402
-
-RULES = (TrainingDomainValidation(), CraftedShiftValidation(), TestDomainOracle())
 
 
 def report(folder: Path) -> str:
@@ -58,7 +58,8 @@ def report(folder: Path) -> str:
         lines += ["| mean | | " + " | ".join(means) + " |", ""]
     legend = ("ρ: Spearman rank correlation between the rule's validation score and the held-out `in` score over "
               "every evaluation it scores; regret: best held-out score among all evaluations minus the chosen one "
-              "(points, ×100).")  # fmt: skip
+              "(points, ×100); `-`: the rule's runs are missing (leave-one-domain-out needs the pair runs, "
+              "crafted-shift validation `+validation=crafted`).")  # fmt: skip
     return "\n".join(["# Selection rules compared", "", legend, "", *lines])
 
 

@@ -106,3 +106,21 @@ def test_study_rank_correlation_and_regret_on_hand_built_runs():
     assert iid.spearman == pytest.approx(-1.0) and crafted.spearman == pytest.approx(1.0)
     assert iid.regret == pytest.approx(0.6 - 0.3) and crafted.regret == pytest.approx(0.0)
     assert iid.points == crafted.points == 3
+
+
+def test_study_scores_leave_one_domain_out_from_the_pair_runs():
+    """Leave-one-domain-out's points are the mean held-in ``in`` score of the pair runs {A, v}, v in {B, C}."""
+    from dgkit.eval.selection import LeaveOneDomainOut
+    from dgkit.eval.study import rule_quality
+
+    def pair(hparams: str, v: str, acc_v: float) -> Run:
+        record = {"step": 100, f"acc/{v}/in": acc_v, "acc/A/in": 0.0}
+        return Run("toy", ("A", "B", "C"), ("A", v), 0, "ERM", hparams, records=[record])
+
+    singles = [_run("h1", out=0.9, crafted=0.2, score=0.3), _run("h2", out=0.5, crafted=0.8, score=0.6)]
+    # h1: pairs give (0.2 + 0.4) / 2 = 0.3; h2: (0.9 + 0.5) / 2 = 0.7, so LODO picks h2 (training-domain val h1)
+    pairs = [pair("h1", "B", 0.2), pair("h1", "C", 0.4), pair("h2", "B", 0.9), pair("h2", "C", 0.5)]
+    q = rule_quality(LeaveOneDomainOut(), singles + pairs, "A")
+    assert (q.spearman, q.regret, q.points) == (pytest.approx(1.0), pytest.approx(0.0), 2)
+    partial = rule_quality(LeaveOneDomainOut(), singles + pairs[:3], "A")  # h2's {A, C} run missing: h1 only
+    assert (partial.points, partial.regret) == (1, pytest.approx(0.6 - 0.3))
