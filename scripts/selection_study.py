@@ -8,8 +8,8 @@ Usage::
 
 All four rules of :data:`dgkit.eval.selection.RULES`. Needs runs with several hyper-parameter candidates
 (``hparams_seed=0,1,...``); the crafted-shift rule needs ``+validation=crafted``, leave-one-domain-out the pair
-runs ``scripts/plan_sweep.py`` prints (a rule without its runs shows ``-``). Writes ``selection.md`` into
-``--out`` when given.
+runs ``scripts/plan_sweep.py`` prints (a rule without its runs shows ``-``). With ``--out``, writes
+``selection.md`` and a scatter per (dataset, tag, seed): every rule's validation score against held-out accuracy.
 """
 
 from __future__ import annotations
@@ -23,16 +23,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dgkit.eval import group_runs, load_runs, split_finished  # noqa: E402
 from dgkit.eval.selection import RULES  # noqa: E402
-from dgkit.eval.study import rule_quality  # noqa: E402
-from dgkit.utils.io import atomic_write_text  # noqa: E402
+from dgkit.eval.study import rule_quality, rule_scatter  # noqa: E402
+from dgkit.utils.io import atomic_write, atomic_write_text  # noqa: E402
 
 
-def report(folder: Path) -> str:
-    """The study's markdown for every (dataset, tag, seed) group of the finished runs under ``folder``."""
+def report(folder: Path, plots: Path | None = None) -> str:
+    """The study's markdown for every (dataset, tag, seed) group of the finished runs under ``folder``; with
+    ``plots``, also each group's :func:`~dgkit.eval.study.rule_scatter` as ``selection_<dataset>_<tag>_s<seed>.png``
+    there."""
     finished, _ = split_finished(load_runs(folder))
     lines = []
     for (dataset, tag, seed), runs in group_runs(finished).items():
         folds = [d for d in runs[0].domains if any(r.test_domains == (d,) for r in runs)]
+        if plots is not None:
+            fig = rule_scatter(RULES, runs, folds, title=f"{dataset}, {tag}, seed {seed}")
+            name = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"selection_{dataset}_{tag}_s{seed}")
+            png = atomic_write(
+                plots / f"{name}.png", lambda f, fig=fig: fig.savefig(f, format="png", dpi=110), binary=True
+            )
+            print(f"wrote {png}", file=sys.stderr)
         candidates = {t: len({r.hparams for r in runs if r.test_domains == (t,)}) for t in folds}
         lines += [f"### {dataset}, {tag}, seed {seed}", "", "| held-out | candidates | " + " | ".join(
             f"{r.name}: ρ / regret" for r in RULES) + " |", "|---" * (2 + len(RULES)) + "|"]  # fmt: skip
@@ -69,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", type=Path)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    text = report(args.folder)
+    text = report(args.folder, plots=args.out)
     print(text)
     if args.out:
         print(f"wrote {atomic_write_text(args.out / 'selection.md', text + chr(10))}", file=sys.stderr)

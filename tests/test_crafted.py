@@ -124,3 +124,17 @@ def test_study_scores_leave_one_domain_out_from_the_pair_runs():
     assert (q.spearman, q.regret, q.points) == (pytest.approx(1.0), pytest.approx(0.0), 2)
     partial = rule_quality(LeaveOneDomainOut(), singles + pairs[:3], "A")  # h2's {A, C} run missing: h1 only
     assert (partial.points, partial.regret) == (1, pytest.approx(0.6 - 0.3))
+
+
+def test_study_scatter_plots_each_rules_own_points():
+    from dgkit.eval.selection import LeaveOneDomainOut
+    from dgkit.eval.study import rule_scatter
+
+    runs = [_run("h1", out=0.9, crafted=0.2, score=0.3), _run("h2", out=0.5, crafted=0.8, score=0.6)]
+    fig = rule_scatter([TrainingDomainValidation(), CraftedShiftValidation(), LeaveOneDomainOut()], runs, ["A"])
+    iid, crafted, lodo = fig.axes[:3]
+    # first collection: every point (×100); second: the ring on the choice
+    assert iid.collections[0].get_offsets().tolist() == [[90.0, 30.0], [50.0, 60.0]]
+    assert iid.collections[1].get_offsets().tolist() == [[90.0, 30.0]]
+    assert crafted.collections[1].get_offsets().tolist() == [[80.0, 60.0]]
+    assert not lodo.collections and lodo.texts[0].get_text() == "no runs for this rule"  # no pair runs
