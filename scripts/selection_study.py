@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dgkit.eval import group_runs, load_runs, split_finished  # noqa: E402
 from dgkit.eval.selection import RULES  # noqa: E402
 from dgkit.eval.study import rule_quality, rule_scatter  # noqa: E402
+from dgkit.eval.tables import safe_file_name  # noqa: E402
 from dgkit.utils.io import atomic_write, atomic_write_text  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def report(folder: Path, plots: Path | None = None) -> str:
         folds = [d for d in runs[0].domains if any(r.test_domains == (d,) for r in runs)]
         if plots is not None:
             fig = rule_scatter(RULES, runs, folds, title=f"{dataset}, {tag}, seed {seed}")
-            name = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"selection_{dataset}_{tag}_s{seed}")
+            name = safe_file_name(f"selection_{dataset}_{tag}_s{seed}")
             png = atomic_write(
                 plots / f"{name}.png", lambda f, fig=fig: fig.savefig(f, format="png", dpi=110), binary=True
             )

@@ -215,7 +215,7 @@ def write_report(
     for dataset in summary:
         if TrainingDomainValidation.name in summary[dataset]:
             png = plot_dataset(
-                summary, dataset, out_dir / f"{_safe_name(dataset)}.png", metric_name=metrics.get(dataset, "score")
+                summary, dataset, out_dir / f"{safe_file_name(dataset)}.png", metric_name=metrics.get(dataset, "score")
             )
             if png is not None:
                 written.append(png)
@@ -273,6 +273,6 @@ def _markdown_table(
     ]
 
 
-def _safe_name(name: str) -> str:
+def safe_file_name(name: str) -> str:
     """``name`` usable as a file name (path separators and odd characters become ``_``)."""
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name).strip(".") or "dataset"
